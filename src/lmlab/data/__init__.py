@@ -1,0 +1,1 @@
+"""Corpora (incl. the practice languages), tokenizers, token shards and the loader."""

@@ -1,0 +1,1 @@
+"""Parameters, FLOPs, memory, cost and scaling laws, computed from the models' own methods."""

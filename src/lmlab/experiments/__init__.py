@@ -1,0 +1,1 @@
+"""One-command teaching experiments. Never imported by the library core."""

@@ -1,0 +1,1 @@
+"""Model families (one file each), presets and Hugging Face conversion. Single-device code only."""
