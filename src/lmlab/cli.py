@@ -15,15 +15,30 @@ from lmlab.errors import UserError
 
 # name -> (module:function, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("lmlab.experiments.quickstart:main", "Train a small model on FLOWROLL end to end, in minutes on a CPU"),
-    "dsl": ("lmlab.data.dsl.cli:main", "Generate and score the practice languages FLOWROLL and DIMMATCH"),
-    "tokenizer": ("lmlab.data.tokenizer_cli:main", "Train a byte-level BPE or char-level tokenizer"),
-    "prepare": ("lmlab.data.prepare:main", "Tokenize text, JSONL, HF datasets or a practice language into token shards"),
+    "quickstart": (
+        "lmlab.experiments.quickstart:main",
+        "Train a small model on FLOWROLL end to end, in minutes on a CPU",
+    ),
+    "dsl": (
+        "lmlab.data.dsl.cli:main",
+        "Generate and score the practice languages FLOWROLL and DIMMATCH",
+    ),
+    "tokenizer": (
+        "lmlab.data.tokenizer_cli:main",
+        "Train a byte-level BPE or char-level tokenizer",
+    ),
+    "prepare": (
+        "lmlab.data.prepare:main",
+        "Tokenize text, JSONL, HF datasets or a practice language into token shards",
+    ),
     "data": ("lmlab.data.data_cli:main", "Inspect or verify a prepared data directory"),
     "config": ("lmlab.config_cli:main", "Show presets and resolved configurations"),
     "train": ("lmlab.train.cli:main", "Train a model (resumable; CPU, MPS or CUDA)"),
     "eval": ("lmlab.eval.cli:main", "Evaluate a checkpoint: val loss, perplexity, bits per byte"),
-    "generate": ("lmlab.generate.cli:main", "Generate text from a checkpoint, streaming to the terminal"),
+    "generate": (
+        "lmlab.generate.cli:main",
+        "Generate text from a checkpoint, streaming to the terminal",
+    ),
 }
 
 

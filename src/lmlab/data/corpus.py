@@ -1,0 +1,278 @@
+"""Corpora: turn the user's inputs into a stream of documents.
+
+An input is one of:
+  - a file: `.txt` / `.md` (text), `.jsonl` (one JSON object per line, text in a field);
+    any other extension given explicitly is read as text;
+  - a directory, searched recursively for `.txt`, `.md` and `.jsonl` files;
+  - a glob such as `notes/**/*.md`;
+  - a built-in practice language: `dsl:flowroll` or `dsl:dimmatch`, optionally
+    `dsl:NAME:N` (N training programs) and `dsl:NAME:N:D` (difficulty D, e.g. `1-3`);
+  - a Hugging Face dataset: `hf:NAME` (hub, streamed) or `hf:PATH` (a local dataset folder,
+    data files, or a `save_to_disk` folder), read through `datasets`.
+
+A document is what the end-of-document token separates: a text file (or, with
+`doc_unit="paragraph"`, each paragraph of it), a JSONL record, a dataset row, a program.
+Files that are binary or not UTF-8 are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmlab.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+DEFAULT_DSL_PROGRAMS = 20_000
+DEFAULT_DSL_DIFFICULTY = "1-3"
+# A run of blank lines ends a paragraph; it stays with the paragraph it ends, so joining the
+# paragraphs gives back the file exactly.
+_BLANK_LINES = re.compile(r"(\n(?:[ \t]*\n)+)")
+
+
+@dataclass
+class Document:
+    """One document and, for corpora that define their own split, where it belongs."""
+
+    text: str
+    split: str | None = None  # "train" | "val" | "test" | None (decided by the caller)
+
+
+@dataclass
+class Skipped:
+    """Inputs left out, by reason; reported once at the end."""
+
+    binary: list[str] = field(default_factory=list)
+    not_utf8: list[str] = field(default_factory=list)
+    bad_records: int = 0
+
+    def count(self) -> int:
+        return len(self.binary) + len(self.not_utf8)
+
+    def summary(self) -> str:
+        parts = []
+        if self.binary:
+            parts.append(f"{len(self.binary)} binary (e.g. {self.binary[0]})")
+        if self.not_utf8:
+            parts.append(f"{len(self.not_utf8)} not UTF-8 (e.g. {self.not_utf8[0]})")
+        text = f"skipped {self.count()} files: " + ", ".join(parts) if parts else ""
+        if self.bad_records:
+            text += (
+                "; " if text else ""
+            ) + f"skipped {self.bad_records} JSONL records without a text field"
+        return text
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Split at blank lines, keeping every character: `"".join(result) == text`."""
+    parts = _BLANK_LINES.split(text)  # [text, separator, text, separator, ..., text]
+    paragraphs = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+    if parts[-1]:
+        paragraphs.append(parts[-1])
+    return paragraphs
+
+
+class Corpus:
+    """A re-iterable collection of documents from one or more inputs."""
+
+    def __init__(
+        self,
+        inputs: list[str],
+        *,
+        doc_unit: str = "auto",
+        text_field: str = "text",
+        hf_config: str | None = None,
+        hf_split: str = "train",
+        seed: int = 0,
+    ):
+        if not inputs:
+            raise UserError(
+                "no inputs given: pass --input PATH (files, folders, globs, dsl:NAME or hf:NAME)"
+            )
+        if doc_unit not in ("auto", "file", "paragraph"):
+            raise UserError(f"unknown --doc-unit {doc_unit!r}: use auto, file or paragraph")
+        self.text_field, self.hf_config, self.hf_split, self.seed = (
+            text_field,
+            hf_config,
+            hf_split,
+            seed,
+        )
+        self.files: list[Path] = []
+        self.specials: list[str] = []  # dsl:... and hf:... inputs
+        for spec in inputs:
+            self._resolve(spec)
+        if not self.files and not self.specials:
+            raise UserError(f"no .txt, .md or .jsonl files found in {', '.join(inputs)}")
+        text_files = [f for f in self.files if f.suffix.lower() not in JSONL_SUFFIXES]
+        if doc_unit == "auto":
+            # A handful of big files (one book, one dump) would give a val split of zero or
+            # one document; paragraphs give a meaningful split. Many files: keep them whole.
+            doc_unit = "paragraph" if 0 < len(text_files) < 100 else "file"
+        self.doc_unit = doc_unit
+        self.skipped = Skipped()
+
+    def _resolve(self, spec: str) -> None:
+        if spec.startswith("dsl:"):
+            self._parse_dsl(spec)  # validate now, fail before any work
+            self.specials.append(spec)
+            return
+        if spec.startswith("hf:"):
+            if not spec[3:]:
+                raise UserError("hf: needs a dataset name or path, e.g. hf:roneneldan/TinyStories")
+            self.specials.append(spec)
+            return
+        if (
+            re.match(r"^[a-z]+:", spec)
+            and not Path(spec).exists()
+            and not re.match(r"^[A-Za-z]:[\\/]", spec)
+        ):
+            raise UserError(
+                f"unknown corpus {spec!r}: built-in corpora are dsl:flowroll and dsl:dimmatch; datasets are hf:NAME"
+            )
+        path = Path(spec).expanduser()
+        if path.is_file():
+            self.files.append(path)
+        elif path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+            )
+            if not found:
+                raise UserError(f"{spec}: no .txt, .md or .jsonl files in this folder")
+            self.files.extend(found)
+        elif any(c in spec for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not found:
+                raise UserError(f"{spec}: the pattern matches no files")
+            self.files.extend(found)
+        else:
+            raise UserError(f"{spec}: no such file or folder")
+
+    @staticmethod
+    def _parse_dsl(spec: str) -> tuple[str, int, str]:
+        from lmlab.data.dsl import get_language
+
+        parts = spec.split(":")
+        if len(parts) > 4:
+            raise UserError(f"bad corpus {spec!r}: expected dsl:NAME[:PROGRAMS[:DIFFICULTY]]")
+        name = parts[1]
+        get_language(name)  # raises UserError listing the valid names
+        try:
+            n = int(parts[2]) if len(parts) > 2 and parts[2] else DEFAULT_DSL_PROGRAMS
+        except ValueError:
+            raise UserError(
+                f"bad program count in {spec!r}: expected e.g. dsl:{name}:20000"
+            ) from None
+        if n <= 0:
+            raise UserError(f"bad program count in {spec!r}: must be positive")
+        difficulty = parts[3] if len(parts) > 3 else DEFAULT_DSL_DIFFICULTY
+        return name, n, difficulty
+
+    def total_file_bytes(self) -> int | None:
+        """Bytes on disk of the file inputs (None when streamed inputs make it unknown)."""
+        if self.specials:
+            return None
+        return sum(f.stat().st_size for f in self.files)
+
+    def documents(self) -> Iterator[Document]:
+        """Yield every document, in a deterministic order. Can be called more than once."""
+        self.skipped = Skipped()
+        for spec in self.specials:
+            yield from self._special_documents(spec)
+        for path in self.files:
+            yield from self._file_documents(path)
+
+    def _read_text(self, path: Path) -> str | None:
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            self.skipped.binary.append(str(path))
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.skipped.not_utf8.append(str(path))
+            return None
+
+    def _file_documents(self, path: Path) -> Iterator[Document]:
+        text = self._read_text(path)
+        if not text:
+            return
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line).get(self.text_field)
+                except (ValueError, AttributeError):
+                    value = None
+                if isinstance(value, str):
+                    if value:
+                        yield Document(value)
+                else:
+                    self.skipped.bad_records += 1
+        elif self.doc_unit == "paragraph":
+            for paragraph in split_paragraphs(text):
+                yield Document(paragraph)
+        else:
+            yield Document(text)
+
+    def _special_documents(self, spec: str) -> Iterator[Document]:
+        if spec.startswith("dsl:"):
+            yield from _dsl_documents(*self._parse_dsl(spec), seed=self.seed)
+        else:
+            yield from _hf_documents(spec[3:], self.hf_config, self.hf_split, self.text_field)
+
+
+def _dsl_documents(name: str, n_train: int, difficulty: str, seed: int) -> Iterator[Document]:
+    """Training and validation programs of a practice language; its test split stays unseen."""
+    from lmlab.data.dsl import generate_corpus, get_language, parse_difficulty
+
+    lang = get_language(name)
+    level = parse_difficulty(difficulty)
+    n_val = max(100, n_train // 18)  # the languages' own split is 90/5/5
+    for split, n in (("train", n_train), ("val", n_val)):
+        for line in generate_corpus(lang, n, seed=seed, difficulty=level, split=split):
+            yield Document(line, split)
+
+
+def _hf_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf: inputs need the `datasets` package: pip install 'lmlab[hf]'") from None
+    path = Path(name).expanduser()
+    try:
+        if (
+            path.is_dir()
+            and (path / "dataset_info.json").is_file()
+            and (path / "state.json").is_file()
+        ):
+            ds = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"dataset {name} has no split {split!r} (has: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(
+                str(path) if path.exists() else name, config, split=split, streaming=True
+            )
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types: offline, missing repo, bad config
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load dataset {name!r} (split {split!r}): {first}") from None
+    for row in ds:
+        value = row.get(text_field)
+        if not isinstance(value, str):
+            raise UserError(
+                f"dataset {name!r} rows have no text field {text_field!r} "
+                f"(fields: {', '.join(row)}): pass --text-field"
+            )
+        if value:
+            yield Document(value)

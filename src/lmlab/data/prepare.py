@@ -1,0 +1,421 @@
+"""`lmlab prepare`: documents -> tokenizer -> train/val token shards + manifest.
+
+The pipeline reads documents in batches of about a megabyte, assigns each document to
+train or val by a hash of its text (so the split does not depend on input order, and
+duplicates never straddle it), encodes batches with the tokenizer's parallel Rust encoder
+in a background thread while the main thread converts and writes the previous batch, and
+appends an end-of-document token after every document.
+
+Everything is written into a temporary folder that is renamed to DATA_DIR only when
+complete: a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmlab import __version__
+from lmlab.data.corpus import Corpus, Document
+from lmlab.data.shards import MANIFEST_NAME, MANIFEST_VERSION, ShardWriter, dtype_for_vocab
+from lmlab.data.tokenizer import TextTokenizer, load_tokenizer, parse_train_spec, train_tokenizer
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_directory, atomic_write_json
+
+BATCH_BYTES = 1 << 20
+# Very long documents are encoded in pieces so the parallel encoder has work for every core.
+PIECE_CHARS = 1 << 16
+DEFAULT_SHARD_TOKENS = 100_000_000
+
+
+def split_of(text: str | bytes, seed: int, val_fraction: float) -> str:
+    """Deterministic document-level split: a seeded BLAKE2b hash of the text vs. the fraction.
+
+    (A CRC would be cheaper but its top bits barely change between near-identical short
+    documents, which then all land on the same side.) The seed goes into BLAKE2b's salt,
+    which costs nothing extra, unlike a key.
+    """
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    digest = hashlib.blake2b(
+        data, digest_size=8, salt=seed.to_bytes(16, "little", signed=True)
+    ).digest()
+    return "val" if int.from_bytes(digest, "little") < val_fraction * 2**64 else "train"
+
+
+def _pieces(text: str) -> list[str]:
+    if len(text) <= PIECE_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + PIECE_CHARS, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start, end)  # cut after a newline where possible
+            end = cut + 1 if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+@dataclass
+class _Batch:
+    pieces: list[str]  # text to encode
+    ends_doc: list[bool]  # whether an end-of-document token follows each piece
+    split: list[str]  # split of each piece
+    text_bytes: int
+
+
+def _batches(
+    docs: Iterable[Document], seed: int, val_fraction: float, counts: dict
+) -> Iterator[_Batch]:
+    batch = _Batch([], [], [], 0)
+    for doc in docs:
+        data = doc.text.encode("utf-8")
+        split = doc.split or split_of(data, seed, val_fraction)
+        if split not in ("train", "val"):
+            continue  # a practice language's test programs stay unseen
+        counts[split]["documents"] += 1
+        nbytes = len(data)
+        counts[split]["text_bytes"] += nbytes
+        pieces = _pieces(doc.text)
+        batch.pieces += pieces
+        batch.ends_doc += [False] * (len(pieces) - 1) + [True]
+        batch.split += [split] * len(pieces)
+        batch.text_bytes += nbytes
+        if batch.text_bytes >= BATCH_BYTES:
+            yield batch
+            batch = _Batch([], [], [], 0)
+    if batch.pieces:
+        yield batch
+
+
+def _flatten(
+    ids: list[list[int]], ends_doc: list[bool], eot_id: int, dtype: np.dtype
+) -> np.ndarray:
+    eot = (eot_id,)
+    chained = itertools.chain.from_iterable(
+        itertools.chain(x, eot) if end else x for x, end in zip(ids, ends_doc, strict=True)
+    )
+    return np.fromiter(chained, dtype=dtype)
+
+
+def _progress(total_bytes: int | None, enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]tokenizing"),
+        BarColumn(),
+        TextColumn(
+            "{task.completed:,.0f}/{task.fields[total_mb]} MB"
+            if total_bytes
+            else "{task.fields[mb]:.1f} MB"
+        ),
+        TextColumn("{task.fields[mb_per_s]:.2f} MB/s"),
+        TextColumn("{task.fields[tokens_per_s]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def prepare(
+    inputs: list[str],
+    out: str | Path,
+    tokenizer: str | TextTokenizer = "bpe:4096",
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    doc_unit: str = "auto",
+    text_field: str = "text",
+    hf_config: str | None = None,
+    hf_split: str = "train",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    overwrite: bool = False,
+    eot_token: str | None = None,
+    progress: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Tokenize `inputs` into train/val shards under `out`; returns the manifest.
+
+    `tokenizer` is a spec (`bpe:N`, `char`, `char:N` train one on the training documents;
+    a `tokenizer.json`, a folder holding one, or a Hub name load one) or a TextTokenizer.
+    """
+    out = Path(out)
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0:
+        raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    corpus = Corpus(
+        inputs,
+        doc_unit=doc_unit,
+        text_field=text_field,
+        hf_config=hf_config,
+        hf_split=hf_split,
+        seed=seed,
+    )
+    started = time.perf_counter()
+
+    tokenizer_spec = tokenizer if isinstance(tokenizer, str) else "given"
+    if isinstance(tokenizer, str):
+        train_spec = parse_train_spec(tokenizer)
+        if train_spec is None:
+            tok = load_tokenizer(tokenizer, eot_token=eot_token)
+        else:
+            kind, vocab_size = train_spec
+            # BPE merges are learned from the training documents only; a char vocabulary is
+            # just the alphabet, taken from every document so val has no unknown characters.
+            log(
+                f"training a {kind} tokenizer on the {'training ' if kind == 'bpe' else ''}documents"
+            )
+            train_texts = (
+                d.text
+                for d in corpus.documents()
+                if kind == "char" or (d.split or split_of(d.text, seed, val_fraction)) == "train"
+            )
+            tok = train_tokenizer(kind, train_texts, vocab_size)
+    else:
+        tok = tokenizer
+    tokenizer_s = time.perf_counter() - started
+    dtype = dtype_for_vocab(tok.vocab_size)
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        tok.save(tmp)
+        counts = {s: {"documents": 0, "text_bytes": 0} for s in ("train", "val")}
+        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+        encode_started = time.perf_counter()
+        done_bytes = done_tokens = 0
+        total_bytes = corpus.total_file_bytes()
+        with _progress(total_bytes, progress) as bar, ThreadPoolExecutor(max_workers=1) as pool:
+            task = bar.add_task(
+                "tokenize",
+                total=(total_bytes or 0) / 1e6 or None,
+                total_mb=f"{(total_bytes or 0) / 1e6:,.0f}",
+                mb=0.0,
+                mb_per_s=0.0,
+                tokens_per_s=0.0,
+            )
+            batches = _batches(corpus.documents(), seed, val_fraction, counts)
+            # Encode batch k+1 (Rust, releases the GIL) while batch k is flattened and written.
+            pending = None
+            for batch in itertools.chain(batches, [None]):
+                future = pool.submit(tok.encode_batch, batch.pieces) if batch is not None else None
+                if pending is not None:
+                    done_batch, done_future = pending
+                    _write_batch(done_batch, done_future.result(), tok.eot_id, dtype, writers)
+                    done_bytes += done_batch.text_bytes
+                    done_tokens = writers["train"].num_tokens + writers["val"].num_tokens
+                    elapsed = time.perf_counter() - encode_started
+                    bar.update(
+                        task,
+                        completed=done_bytes / 1e6,
+                        mb=done_bytes / 1e6,
+                        mb_per_s=done_bytes / 1e6 / elapsed,
+                        tokens_per_s=done_tokens / elapsed,
+                    )
+                pending = (batch, future) if batch is not None else None
+        encode_s = time.perf_counter() - encode_started
+        shards = {s: w.close() for s, w in writers.items()}
+
+        if corpus.skipped.summary():
+            log(f"warning: {corpus.skipped.summary()}")
+        if counts["train"]["documents"] + counts["val"]["documents"] == 0:
+            raise UserError(
+                "no text found in the inputs"
+                + (f" ({corpus.skipped.summary()})" if corpus.skipped.summary() else "")
+            )
+        if counts["train"]["documents"] == 0:
+            raise UserError("every document fell into the val split: lower --val-fraction")
+        if val_fraction > 0 and counts["val"]["documents"] == 0:
+            raise UserError(
+                f"no document fell into the val split ({counts['train']['documents']} documents): "
+                "use --doc-unit paragraph, more data, or --val-fraction 0"
+            )
+        manifest = {
+            "format": "lmlab-token-shards",
+            "version": MANIFEST_VERSION,
+            "created_by": f"lmlab {__version__}",
+            "dtype": dtype.name,
+            "tokenizer": {
+                "file": "tokenizer.json",
+                "sha256": tok.sha256(),
+                "kind": tok.kind,
+                "spec": tokenizer_spec,
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                "pad_id": tok.pad_id,
+            },
+            "splits": {
+                s: {**counts[s], "tokens": sum(e["tokens"] for e in shards[s]), "shards": shards[s]}
+                for s in ("train", "val")
+            },
+            "source": {
+                "inputs": list(inputs),
+                "doc_unit": corpus.doc_unit,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "skipped_files": corpus.skipped.count(),
+                "skipped_records": corpus.skipped.bad_records,
+            },
+            "timing_s": {"tokenizer": round(tokenizer_s, 3), "encode": round(encode_s, 3)},
+        }
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _write_batch(
+    batch: _Batch, ids: list[list[int]], eot_id: int, dtype, writers: dict[str, ShardWriter]
+) -> None:
+    # Pieces of one batch are contiguous per split only by chance; group runs of equal split.
+    start = 0
+    for split, group in itertools.groupby(range(len(batch.split)), key=batch.split.__getitem__):
+        n = sum(1 for _ in group)
+        writers[split].write(
+            _flatten(ids[start : start + n], batch.ends_doc[start : start + n], eot_id, dtype)
+        )
+        start += n
+
+
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """Human-readable closing summary of a prepared data directory."""
+    lines = []
+    tok = manifest["tokenizer"]
+    lines.append(
+        f"tokenizer: {tok['kind']} ({tok['spec']}), vocab {tok['vocab_size']:,}, ids stored as {manifest['dtype']}"
+    )
+    for split, info in manifest["splits"].items():
+        bpt = info["text_bytes"] / max(1, info["tokens"] - info["documents"])
+        sizes = (
+            ", ".join(f"{e['file']} {e['bytes'] / 1e6:.2f} MB" for e in info["shards"])
+            or "no shards"
+        )
+        lines.append(
+            f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+            f"{info['text_bytes'] / 1e6:.2f} MB text, {bpt:.2f} bytes/token; {sizes}"
+        )
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmlab prepare",
+        description="Tokenize documents into train/val token shards with a manifest and checksums.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  lmlab prepare --input dsl:flowroll --tokenizer bpe:512 --out data/flowroll
+  lmlab prepare --input notes/ 'more/**/*.md' --tokenizer bpe:8192 --out data/notes
+  lmlab prepare --input shakespeare.txt --tokenizer char --out data/shakespeare-char
+  lmlab prepare --input hf:roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories
+
+inputs: files (.txt .md .jsonl), folders (recursive), globs, dsl:flowroll, dsl:dimmatch
+(dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed).
+tokenizer: bpe:N or char[:N] trains one on the training documents; a tokenizer.json, a folder
+holding one, or a Hub name loads one.""",
+    )
+    parser.add_argument(
+        "--input", "-i", nargs="+", required=True, metavar="PATH", help="what to tokenize"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        "-t",
+        default="bpe:4096",
+        metavar="SPEC",
+        help="bpe:N, char[:N], a path or a Hub name (default: bpe:4096)",
+    )
+    parser.add_argument(
+        "--out",
+        "-o",
+        required=True,
+        metavar="DATA_DIR",
+        help="output folder (must not exist unless --overwrite)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of documents held out for validation (default 0.1)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the document split and of generated corpora (default 0)",
+    )
+    parser.add_argument(
+        "--doc-unit",
+        choices=("auto", "file", "paragraph"),
+        default="auto",
+        help="what a text file contributes: one document, or one per paragraph; auto = paragraphs when under 100 text files",
+    )
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        help="field holding the text in JSONL records and datasets (default: text)",
+    )
+    parser.add_argument(
+        "--hf-config", default=None, help="dataset configuration name for hf: inputs"
+    )
+    parser.add_argument(
+        "--hf-split", default="train", help="dataset split for hf: inputs (default: train)"
+    )
+    parser.add_argument(
+        "--eot-token",
+        default=None,
+        help="end-of-document token of a loaded tokenizer, if not found automatically",
+    )
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help="tokens per shard file (default 100M)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DATA_DIR if it exists (only once the new one is complete)",
+    )
+    args = parser.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    manifest = prepare(
+        args.input,
+        args.out,
+        args.tokenizer,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        doc_unit=args.doc_unit,
+        text_field=args.text_field,
+        hf_config=args.hf_config,
+        hf_split=args.hf_split,
+        shard_tokens=args.shard_tokens,
+        overwrite=args.overwrite,
+        eot_token=args.eot_token,
+        progress=sys.stderr.isatty(),
+        log=log,
+    )
+    for line in summary_lines(manifest):
+        print(line)
+    t = manifest["timing_s"]
+    mb = sum(s["text_bytes"] for s in manifest["splits"].values()) / 1e6
+    print(
+        f"wrote {args.out} in {t['tokenizer'] + t['encode']:.1f}s ({mb / max(t['encode'], 1e-9):.2f} MB/s tokenizing)"
+    )
+    return 0

@@ -1,0 +1,228 @@
+"""Convert models to and from Hugging Face `transformers` (GPT2LMHeadModel, LlamaForCausalLM).
+
+Both directions copy tensors by name through one table (`_param_pairs`), so they cannot
+drift apart. Differences the table absorbs:
+- HF GPT-2 uses Conv1D, whose weight is stored (in, out): the transpose of nn.Linear's.
+  Its q/k/v projection is fused as `c_attn` in q, k, v order, the same as ours.
+- HF GPT-2 always has biases. A bias-free lmlab GPT-2 exports with zero biases, which
+  compute the same function (and imports back as bias=True).
+- LLaMA needs no permutation: our RoPE uses HF's rotate_half layout.
+
+transformers is imported inside the functions: it is an optional dependency, and slow
+to import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.errors import UserError
+from lmlab.model.build import build_model
+from lmlab.model.config import ModelConfig
+
+
+def _param_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(lmlab name, HF name, transposed) for every parameter of a model with config cfg."""
+    pairs: list[tuple[str, str, bool]] = []
+
+    def add(ours: str, theirs: str, transposed: bool = False, bias: bool = False) -> None:
+        pairs.append((f"{ours}.weight", f"{theirs}.weight", transposed))
+        if bias:  # biases are vectors: never transposed
+            pairs.append((f"{ours}.bias", f"{theirs}.bias", False))
+
+    b = cfg.bias
+    if cfg.family == "gpt2":
+        add("tok_emb", "transformer.wte")
+        add("pos_emb", "transformer.wpe")
+        for i in range(cfg.n_layer):
+            ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
+            add(f"{ours}.attn_norm", f"{theirs}.ln_1", bias=b)
+            add(f"{ours}.attn.c_attn", f"{theirs}.attn.c_attn", transposed=True, bias=b)
+            add(f"{ours}.attn.c_proj", f"{theirs}.attn.c_proj", transposed=True, bias=b)
+            add(f"{ours}.mlp_norm", f"{theirs}.ln_2", bias=b)
+            add(f"{ours}.mlp.c_fc", f"{theirs}.mlp.c_fc", transposed=True, bias=b)
+            add(f"{ours}.mlp.c_proj", f"{theirs}.mlp.c_proj", transposed=True, bias=b)
+        add("final_norm", "transformer.ln_f", bias=b)
+    else:
+        add("tok_emb", "model.embed_tokens")
+        for i in range(cfg.n_layer):
+            ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+            add(f"{ours}.attn_norm", f"{theirs}.input_layernorm")
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                add(f"{ours}.attn.{name}", f"{theirs}.self_attn.{name}", bias=b)
+            add(f"{ours}.mlp_norm", f"{theirs}.post_attention_layernorm")
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                add(f"{ours}.mlp.{name}", f"{theirs}.mlp.{name}", bias=b)
+        add("final_norm", "model.norm")
+    # Both state dicts list lm_head.weight even when it is tied (then it is tok_emb's tensor).
+    add("lm_head", "lm_head")
+    return pairs
+
+
+def to_hf_config(cfg: ModelConfig) -> Any:
+    """The transformers config (GPT2Config / LlamaConfig) describing the same architecture.
+
+    Special token ids are left unset: they belong to the tokenizer, not the architecture.
+    """
+    import transformers
+
+    cfg.validate()
+    special_tokens = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if cfg.family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.context_length,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.d_ff,
+            activation_function="gelu_new",
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            layer_norm_epsilon=cfg.norm_eps,
+            initializer_range=cfg.init_std,
+            tie_word_embeddings=cfg.tie_embeddings,
+            **special_tokens,
+        )
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.context_length,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+        attention_dropout=cfg.dropout,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **special_tokens,
+    )
+
+
+def from_hf_config(hf_config: Any) -> ModelConfig:
+    """The ModelConfig of a transformers GPT-2 or LLaMA config; UserError for variants we lack."""
+    model_type = getattr(hf_config, "model_type", None)
+    tied = bool(getattr(hf_config, "tie_word_embeddings", model_type == "gpt2"))
+    if model_type == "gpt2":
+        if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(
+                f"GPT-2 activation {hf_config.activation_function!r} is not supported; "
+                "lmlab's GPT-2 uses the tanh GELU ('gelu_new')"
+            )
+        if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or not getattr(
+            hf_config, "scale_attn_weights", True
+        ):
+            raise UserError("GPT-2 with non-standard attention scaling is not supported")
+        cfg = ModelConfig(
+            family="gpt2",
+            vocab_size=hf_config.vocab_size,
+            context_length=hf_config.n_positions,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            d_model=hf_config.n_embd,
+            d_ff=hf_config.n_inner or 4 * hf_config.n_embd,
+            norm_eps=float(hf_config.layer_norm_epsilon),
+            dropout=float(hf_config.resid_pdrop),
+            bias=True,
+            tie_embeddings=tied,
+            init_std=float(hf_config.initializer_range),
+        )
+    elif model_type == "llama":
+        if hf_config.hidden_act != "silu":
+            raise UserError(f"LLaMA activation {hf_config.hidden_act!r} is not supported (silu)")
+        head_dim = getattr(hf_config, "head_dim", None)
+        if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
+            raise UserError(
+                f"LLaMA with head_dim={head_dim} != hidden_size / num_attention_heads "
+                "is not supported"
+            )
+        # transformers 5 keeps RoPE settings in rope_parameters; 4.x in rope_theta/rope_scaling.
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        scaling = getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+        if rope_type not in (None, "default"):
+            raise UserError(f"LLaMA RoPE scaling {rope_type!r} is not supported")
+        rope_theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        if attention_bias != bool(getattr(hf_config, "mlp_bias", False)):
+            raise UserError("LLaMA with attention_bias != mlp_bias is not supported")
+        cfg = ModelConfig(
+            family="llama",
+            vocab_size=hf_config.vocab_size,
+            context_length=hf_config.max_position_embeddings,
+            n_layer=hf_config.num_hidden_layers,
+            n_head=hf_config.num_attention_heads,
+            n_kv_head=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+            d_model=hf_config.hidden_size,
+            d_ff=hf_config.intermediate_size,
+            norm_eps=float(hf_config.rms_norm_eps),
+            rope_theta=float(rope_theta),
+            dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
+            bias=attention_bias,
+            tie_embeddings=tied,
+            init_std=float(hf_config.initializer_range),
+        )
+    else:
+        raise UserError(f"cannot convert HF model type {model_type!r}; supported: gpt2, llama")
+    cfg.validate()
+    return cfg
+
+
+@torch.no_grad()
+def to_hf(model: nn.Module) -> Any:
+    """A transformers GPT2LMHeadModel / LlamaForCausalLM computing the same logits as model.
+
+    The result is on the model's device and dtype, in eval mode.
+    """
+    import transformers
+
+    cfg: ModelConfig = model.config
+    hf_class = (
+        transformers.GPT2LMHeadModel if cfg.family == "gpt2" else transformers.LlamaForCausalLM
+    )
+    hf_model = hf_class(to_hf_config(cfg))
+    ours = model.state_dict()
+    theirs = {
+        hf: ours[name].T if transposed else ours[name] for name, hf, transposed in _param_pairs(cfg)
+    }
+    for name, tensor in hf_model.state_dict().items():
+        if name not in theirs:
+            if cfg.family == "gpt2" and not cfg.bias and name.endswith(".bias"):
+                theirs[name] = torch.zeros_like(tensor)  # zero bias == no bias
+            else:
+                raise RuntimeError(f"to_hf: no lmlab tensor for HF parameter {name!r}")
+    hf_model.load_state_dict(theirs, strict=True)
+    param = next(model.parameters())
+    return hf_model.to(device=param.device, dtype=param.dtype).eval()
+
+
+@torch.no_grad()
+def from_hf(hf_model: Any) -> nn.Module:
+    """The lmlab model (GPT2 / Llama) equivalent to a transformers causal LM.
+
+    The result is on the HF model's device and dtype, in eval mode.
+    """
+    cfg = from_hf_config(hf_model.config)
+    theirs = hf_model.state_dict()
+    pairs = _param_pairs(cfg)
+    missing = [hf for _, hf, _ in pairs if hf not in theirs]
+    if missing:
+        raise UserError(
+            f"HF model lacks {missing[0]!r}: pass the causal LM "
+            "(GPT2LMHeadModel / LlamaForCausalLM), not the bare transformer"
+        )
+    model = build_model(cfg)
+    ours = {name: theirs[hf].T if transposed else theirs[hf] for name, hf, transposed in pairs}
+    model.load_state_dict(ours, strict=True)
+    param = next(hf_model.parameters())
+    return model.to(device=param.device, dtype=param.dtype).eval()

@@ -1,0 +1,75 @@
+"""Named model sizes. Parameter counts are what `num_params()` reports (tests check them).
+
+The small LLaMA presets are for CPU teaching runs: vocab_size 512 is a placeholder that
+training replaces with the tokenizer's vocabulary, and their d_ff is rounded to a multiple
+of 32 rather than 256, which would bloat the MLP of a 48-wide model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from lmlab.errors import UserError
+from lmlab.model.config import ModelConfig
+
+
+def _teaching(n_layer: int, n_head: int, d_model: int) -> ModelConfig:
+    return ModelConfig(
+        family="llama",
+        vocab_size=512,
+        context_length=256,
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d_model,
+        ffn_multiple_of=32,
+    )
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # LLaMA, vocab 512, context 256 (parameter counts at vocab 512)
+    "ultra-tiny": _teaching(n_layer=2, n_head=4, d_model=48),  # 104,688 params
+    "tiny": _teaching(n_layer=4, n_head=6, d_model=96),  # 541,536
+    "small": _teaching(n_layer=6, n_head=6, d_model=192),  # 2,853,312
+    "medium": _teaching(n_layer=8, n_head=5, d_model=320),  # 10,245,440
+    # The original GPT-2 small: 124,439,808 params (tied embeddings, position table included).
+    "gpt2-124m": ModelConfig(
+        family="gpt2",
+        vocab_size=50257,
+        context_length=1024,
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+    ),
+    # 1.3B-class pair for GPU throughput / cost comparisons.
+    "llama-1.36b": ModelConfig(  # 1,294,159,104 params; d_ff = 6144
+        family="llama",
+        vocab_size=32000,
+        context_length=2048,
+        n_layer=18,
+        n_head=18,
+        n_kv_head=18,
+        d_model=2304,
+    ),
+    # 2432 = 19 * 128 is not divisible by 18, so this preset has 19 heads of 128; the head
+    # count does not change the parameter count: 1,405,338,496 params.
+    "gpt2-1.36b": ModelConfig(
+        family="gpt2",
+        vocab_size=50257,
+        context_length=2048,
+        n_layer=18,
+        n_head=19,
+        d_model=2432,
+    ),
+}
+
+
+def get_model_preset(name: str) -> ModelConfig:
+    """A copy of the named preset (edit it freely); UserError with a suggestion if unknown."""
+    if name not in MODEL_PRESETS:
+        close = difflib.get_close_matches(name, MODEL_PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(
+            f"unknown model preset {name!r}; {hint}available: {', '.join(MODEL_PRESETS)}"
+        )
+    return dataclasses.replace(MODEL_PRESETS[name])

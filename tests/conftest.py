@@ -1,0 +1,26 @@
+"""Shared fixtures: small corpora written by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MIXED_TEXT = [
+    "The quick brown fox jumps over the lazy dog.\n\nA second paragraph, with numbers 1234.\n",
+    "Ünïcödé: naïve café, smörgåsbord, Ελληνικά, русский, 日本語のテキスト, emoji 🦊🚀.\n\n  indented\tline\n",
+    "Code: def f(x):\n    return x ** 2  # comment\n\n\n\nTrailing blank lines\n\n",
+    "Short.",
+]
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A folder of text files (nested, non-ASCII) and a JSONL file."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i, text in enumerate(MIXED_TEXT):
+        folder = root / "sub" if i % 2 else root
+        (folder / f"doc{i}.txt").write_text(text * 5, encoding="utf-8")
+    (root / "notes.md").write_text("# Title\n\nSome *markdown* text.\n", encoding="utf-8")
+    return root
