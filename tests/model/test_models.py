@@ -74,7 +74,7 @@ def test_from_dict_rejects_unknown_and_missing_keys_and_coerces_text():
         ModelConfig.from_dict(d)
     cfg = ModelConfig.from_dict({**tiny_config("llama").to_dict(), "norm_eps": "1e-6"})
     assert cfg.norm_eps == 1e-6
-    with pytest.raises(UserError, match="'n_layer' must be an integer"):
+    with pytest.raises(UserError, match="model.n_layer must be an integer"):
         ModelConfig.from_dict({**tiny_config("llama").to_dict(), "n_layer": "two"})
 
 

@@ -9,15 +9,13 @@ follow later edits. `dataclasses.replace(cfg, d_model=512)` keeps the old d_ff; 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from lmlab.errors import UserError
+from lmlab.typed_dict import from_dict
 
 Family = Literal["gpt2", "llama"]
 FAMILIES: tuple[str, ...] = typing.get_args(Family)
@@ -148,38 +146,4 @@ class ModelConfig:
         Numbers given as strings are converted, because YAML 1.1 (PyYAML) reads `1e-5`
         as the string "1e-5".
         """
-        hints = typing.get_type_hints(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in hints:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise UserError(f"unknown model config key {key!r}{hint}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in d]
-        if missing:
-            raise UserError(f"model config is missing required key(s): {', '.join(missing)}")
-        return cls(**{key: _coerce(key, value, hints[key]) for key, value in d.items()})
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Convert a value read from text to the field's type; leave anything else for validate()."""
-    if value is None or isinstance(value, bool):
-        return value
-    allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
-    try:
-        if int in allowed and isinstance(value, (str, float)):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, float) else int(value)
-        if float in allowed and isinstance(value, (str, int)):
-            return float(value)
-        if bool in allowed and isinstance(value, str):
-            if value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ValueError
-    except ValueError:
-        kind = {int: "an integer", float: "a number", bool: "true or false"}
-        expected = next(kind[t] for t in kind if t in allowed)
-        raise UserError(f"model config key {name!r} must be {expected}, got {value!r}") from None
-    return value
+        return from_dict(cls, d, "model")
