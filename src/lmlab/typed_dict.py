@@ -34,7 +34,11 @@ def from_dict(cls: type[T], d: Mapping[str, Any], section: str) -> T:
     for key in d:
         if key not in hints:
             raise UserError(f"unknown {section} config key {key!r}{suggest(key, known)}")
-    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in d]
     if missing:
         raise UserError(f"{section} config is missing required key(s): {', '.join(missing)}")
@@ -45,12 +49,18 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     """Convert a value read from text to the field's type; check Literal choices."""
     if value is None:
         return value
-    allowed = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else {hint}
+    allowed = (
+        set(typing.get_args(hint))
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else {hint}
+    )
     literals = [a for a in allowed if typing.get_origin(a) is typing.Literal]
     if literals:
         choices = [c for lit in literals for c in typing.get_args(lit)]
         if value not in choices:
-            raise UserError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}{suggest(str(value), [str(c) for c in choices])}")
+            raise UserError(
+                f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}{suggest(str(value), [str(c) for c in choices])}"
+            )
         return value
     if isinstance(value, bool):
         if bool in allowed:
