@@ -24,3 +24,13 @@ def text_corpus(tmp_path: Path) -> Path:
         (folder / f"doc{i}.txt").write_text(text * 5, encoding="utf-8")
     (root / "notes.md").write_text("# Title\n\nSome *markdown* text.\n", encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def flowroll_data(tmp_path_factory) -> Path:
+    """A small prepared FLOWROLL data directory (char-level), shared by the session."""
+    from lmlab.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "flowroll"
+    prepare(["dsl:flowroll:3000"], out, "char", log=lambda *_: None)
+    return out

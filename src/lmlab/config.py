@@ -1,0 +1,361 @@
+"""The typed config tree: model / data / train / eval / checkpoint / logging.
+
+A run's configuration is built in layers, each overriding the last:
+
+    defaults  ->  --preset NAME  ->  --config FILE.yaml  ->  dotted overrides (train.lr=3e-4)
+
+and the resolved tree is saved in every run directory as `config.yaml`, which
+`load_config` reads back unchanged. Every section is a dataclass whose fields document
+themselves; unknown keys and bad values are one-line errors with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text
+from lmlab.model.config import ModelConfig
+from lmlab.model.presets import MODEL_PRESETS, get_model_preset
+from lmlab.typed_dict import from_dict, suggest
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared data directory, written by `lmlab prepare`."""
+    vocab_from_data: bool = True
+    """Set model.vocab_size to the data's tokenizer vocabulary (else they must be compatible)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass (per process)."""
+    seq_len: int = 0
+    """Tokens per training sequence (0 -> model.context_length)."""
+    tokens_per_step: int = 0
+    """Target tokens per optimizer step, reached by gradient accumulation (0 -> one micro-batch)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile the model."""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."""
+    seed: int = 1337
+    """Seed of initialisation, data order and dropout."""
+    cpu_threads: int = 0
+    """Intra-op threads on CPU (0 -> torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 200
+    """Evaluate every this many steps (0 -> only at the end)."""
+    batches: int = 20
+    """Validation batches per evaluation (0 -> the whole val split)."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500
+    """Save every this many steps (0 -> only at the end)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest val loss."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    """Log (and read the loss back from the device) every this many steps."""
+    runs_dir: str = "runs"
+    """Runs are written to RUNS_DIR/NAME/RUN_ID/."""
+    name: str = ""
+    """Run name (empty -> the preset's name, or 'run')."""
+    tensorboard: bool = True
+    """Write TensorBoard events when the tensorboard package is installed."""
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class Config:
+    """Everything a training run needs."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.context_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build from a complete tree (as `to_dict` wrote); unknown keys are refused."""
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise UserError(
+                f"config version {version} is not supported (this lmlab reads {CONFIG_VERSION})"
+            )
+        for key in d:
+            if key != "model" and key not in SECTIONS:
+                raise UserError(
+                    f"unknown config section {key!r}{suggest(key, ['model', *SECTIONS])}"
+                )
+        if "model" not in d:
+            raise UserError("config has no model section")
+        sections = {
+            name: from_dict(section_cls, d.get(name) or {}, name)
+            for name, section_cls in SECTIONS.items()
+        }
+        return cls(model=ModelConfig.from_dict(d["model"]), **sections)
+
+    def validate(self) -> None:
+        """One-line UserErrors for values that cannot work."""
+        self.model.validate()
+        t = self.train
+        positive = {
+            "train.max_steps": t.max_steps,
+            "train.micro_batch_size": t.micro_batch_size,
+            "train.lr": t.lr,
+            "eval.batches + 1": self.eval.batches + 1,
+            "logging.interval": self.logging.interval,
+            "checkpoint.keep_last": self.checkpoint.keep_last,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{name.replace(' + 1', '')} must be positive, got {value}")
+        non_negative = {
+            "train.seq_len": t.seq_len,
+            "train.tokens_per_step": t.tokens_per_step,
+            "train.warmup_steps": t.warmup_steps,
+            "train.weight_decay": t.weight_decay,
+            "train.grad_clip": t.grad_clip,
+            "train.cpu_threads": t.cpu_threads,
+            "eval.interval": self.eval.interval,
+            "checkpoint.interval": self.checkpoint.interval,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise UserError(f"{name} must not be negative, got {value}")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                raise UserError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+        if self.seq_len > self.model.context_length:
+            raise UserError(
+                f"train.seq_len={self.seq_len} is longer than model.context_length={self.model.context_length}"
+            )
+        if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")):
+            raise UserError(
+                f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"
+            )
+
+
+# Training recipes: a model preset plus settings that suit it. Every model preset is also a
+# recipe with default training settings.
+RECIPES: dict[str, dict[str, Any]] = {
+    "quickstart": {
+        "model": {"preset": "tiny", "context_length": 64},
+        "train": {
+            "max_steps": 600,
+            "micro_batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 50,
+            "weight_decay": 0.0,
+        },
+        "eval": {"interval": 200, "batches": 10},
+        "checkpoint": {"interval": 300},
+    },
+    # The widely used CPU demo recipe (char-level tinyshakespeare), at exactly its shape.
+    "shakespeare-char-reference": {
+        "model": {
+            "preset": "gpt2-124m",
+            "vocab_size": 65,
+            "context_length": 64,
+            "n_layer": 4,
+            "n_head": 4,
+            "d_model": 128,
+            "bias": False,
+        },
+        "train": {
+            "max_steps": 2000,
+            "micro_batch_size": 12,
+            "lr": 1e-3,
+            "warmup_steps": 100,
+            "beta2": 0.99,
+            "weight_decay": 0.1,
+        },
+        "eval": {"interval": 250, "batches": 20},
+    },
+}
+RECIPE_DESCRIPTIONS = {
+    "quickstart": "tiny LLaMA for the FLOWROLL quickstart (CPU, a few minutes)",
+    "shakespeare-char-reference": "the classic CPU demo: GPT 4x128, context 64, batch 12, 2000 steps",
+}
+
+
+def preset_names() -> list[str]:
+    return [*RECIPES, *MODEL_PRESETS]
+
+
+def _model_from_overrides(base: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """Apply model overrides, re-deriving family defaults that the overrides invalidate.
+
+    A preset stores resolved values (d_ff, n_kv_head, bias...). When an override changes
+    what they derive from and does not set them itself, they are derived again: widening a
+    model to d_model=512 also widens its MLP.
+    """
+    d = base.to_dict()
+    overrides = dict(overrides)
+    if "preset" in overrides:
+        d = get_model_preset(overrides.pop("preset")).to_dict()
+    d.update(overrides)
+    derived = {
+        "d_ff": ("family", "d_model", "ffn_multiple_of"),
+        "n_kv_head": ("n_head",),
+        "bias": ("family",),
+        "tie_embeddings": ("family",),
+    }
+    for key, sources in derived.items():
+        if key not in overrides and any(s in overrides for s in sources):
+            d[key] = None
+    return ModelConfig.from_dict(d)
+
+
+def merge(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A new Config with a nested dict of overrides applied (sections merge key by key)."""
+    d = copy.deepcopy(dataclasses.asdict(cfg))
+    model = cfg.model
+    for section, values in overrides.items():
+        if section == "version":
+            continue
+        if section != "model" and section not in SECTIONS:
+            raise UserError(
+                f"unknown config section {section!r}{suggest(section, ['model', *SECTIONS])}"
+            )
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section!r} must be a mapping, got {values!r}")
+        if section == "model":
+            model = _model_from_overrides(model, values)
+        else:
+            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+            for key in values:
+                if key not in known:
+                    raise UserError(f"unknown {section} config key {key!r}{suggest(key, known)}")
+            d[section].update(values)
+    d["model"] = model.to_dict()
+    return Config.from_dict(d)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.max_steps=500` -> {"train": {"max_steps": 500}} (the value is read as YAML)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(
+            f"bad override {text!r}: expected SECTION.KEY=VALUE, e.g. train.max_steps=500"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of config sections")
+    return data
+
+
+def build_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] = ()
+) -> Config:
+    """Resolve defaults -> preset -> YAML file -> dotted overrides into a validated Config."""
+    name = preset or "tiny"
+    if name in RECIPES:
+        cfg = merge(Config(model=get_model_preset("tiny")), RECIPES[name])
+    elif name in MODEL_PRESETS:
+        cfg = Config(model=get_model_preset(name))
+    else:
+        raise UserError(
+            f"unknown preset {name!r}{suggest(name, preset_names())}; see `lmlab config show`"
+        )
+    if preset:
+        cfg.logging.name = cfg.logging.name or preset
+    if config_file:
+        cfg = merge(cfg, load_yaml(config_file))
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    cfg.validate()
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a resolved config (as saved in a run directory)."""
+    cfg = Config.from_dict(load_yaml(path))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,109 @@
+"""Batches of training windows from memory-mapped shards, with an exact, resumable cursor.
+
+The token stream of each shard is cut into windows of `seq_len + 1` tokens at stride
+`seq_len` (inputs and next-token targets overlap by one token). Each epoch visits every
+window once, in an order drawn from `seed` and the epoch number. The whole loader state is
+therefore two integers (epoch, position), saved in every checkpoint, so a resumed run
+reads exactly the batches an uninterrupted run would have read.
+
+With several processes, each global batch of `batch_size * world_size` windows is dealt
+out so that rank r takes its own disjoint slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmlab.data.shards import TokenSplit
+from lmlab.errors import UserError
+
+
+class TokenLoader:
+    """Shuffled, epoch-based windows over a split; `state_dict()` captures the cursor."""
+
+    def __init__(
+        self,
+        split: TokenSplit,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
+        self.shards, self.batch_size, self.seq_len = split.shards, batch_size, seq_len
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self.first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
+        self.num_windows = int(self.first_window[-1])
+        self.global_batch = batch_size * world_size
+        if self.num_windows < self.global_batch:
+            raise UserError(
+                f"too little data: the split holds {self.num_windows} windows of {seq_len + 1} tokens, "
+                f"one batch needs {self.global_batch}; use a smaller batch or seq_len, or more data"
+            )
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_windows // self.global_batch
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(
+                    self.num_windows
+                )
+            else:
+                self._order = np.arange(self.num_windows)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_windows(self) -> np.ndarray:
+        """This rank's window ids for the next batch; advances the cursor."""
+        if self.position + self.global_batch > self.num_windows:
+            self.epoch, self.position = self.epoch + 1, 0  # drop the ragged end of an epoch
+        order = self._epoch_order()
+        start = self.position + self.rank * self.batch_size
+        self.position += self.global_batch
+        return order[start : start + self.batch_size]
+
+    def read(self, window_ids: np.ndarray) -> torch.Tensor:
+        """Tokens of the given windows, (B, seq_len + 1) int64."""
+        rows = np.empty((len(window_ids), self.seq_len + 1), dtype=np.int64)
+        shard_ids = np.searchsorted(self.first_window, window_ids, side="right") - 1
+        for row, (w, s) in enumerate(zip(window_ids, shard_ids, strict=True)):
+            start = int(w - self.first_window[s]) * self.seq_len
+            rows[row] = self.shards[s][start : start + self.seq_len + 1]
+        return torch.from_numpy(rows)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (B, seq_len) int64 on the CPU."""
+        rows = self.read(self.next_windows())
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the cursor; refuses a state from different data or batch geometry."""
+        for key in ("num_windows", "seq_len", "seed"):
+            if state[key] != getattr(self, key):
+                raise UserError(
+                    f"cannot resume the data cursor: {key} was {state[key]}, now {getattr(self, key)} "
+                    "(the data or the batch shape changed)"
+                )
+        # A different world size or micro-batch with the same data keeps the epoch and the
+        # number of windows consumed: the same order is dealt out in the new geometry.
+        self.epoch, self.position = state["epoch"], state["position"]

@@ -1,0 +1,55 @@
+"""`lmlab generate`: continue a prompt with a trained model, streaming to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from lmlab.generate.text import generate_text
+from lmlab.train.checkpoint import build_from_checkpoint
+from lmlab.train.device import select_device
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmlab generate",
+        description="Generate text from a run folder or checkpoint (works on a CPU-only laptop).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        '  lmlab generate runs/quickstart/20261123-101500 --prompt "[3 1 2] | sort =>" --temperature 0\n'
+        '  lmlab generate runs/shakespeare/20261123-101500 --prompt "ROMEO:" --max-new-tokens 300 --top-k 40 --seed 1',
+    )
+    parser.add_argument("checkpoint", metavar="RUN_DIR|CKPT")
+    parser.add_argument(
+        "--prompt", default="", help="text to continue (default: start a new document)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument(
+        "--no-stop", action="store_true", help="keep going past the end-of-document token"
+    )
+    args = parser.parse_args(argv)
+    model, tokenizer, _, _ = build_from_checkpoint(args.checkpoint, select_device(args.device))
+    sys.stdout.write(args.prompt)
+    with torch.inference_mode():
+        for piece in generate_text(
+            model,
+            tokenizer,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_at_end_of_document=not args.no_stop,
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,156 @@
+"""Checkpoints: a folder per save, written atomically, loadable without unpickling code.
+
+    RUN_DIR/checkpoints/step_00001000/
+        model.safetensors      weights (safetensors: plain tensors, nothing executable)
+        state.pt               optimizer, train state, data cursor, RNG states; read with
+                               torch.load(weights_only=True), which refuses arbitrary objects
+        config.yaml            the run's resolved config
+        tokenizer.json         so the checkpoint generates text on its own, on any machine
+        meta.json              step, tokens seen, val loss, lmlab version
+
+A checkpoint folder is built under a temporary name and renamed into place only when
+complete; older checkpoints are deleted only after a new one exists. A crash, a kill or a
+full disk therefore never touches the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lmlab import __version__
+from lmlab.config import Config, load_config, save_config
+from lmlab.errors import UserError
+from lmlab.fileio import atomic_directory, atomic_write_json
+
+CHECKPOINT_VERSION = 1
+PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def read_meta(ckpt: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / "meta.json").read_text(encoding="utf-8"))
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    cfg: Config,
+    tokenizer_json: str,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write one checkpoint atomically and return its folder."""
+    target = checkpoint_dir(run_dir, meta["step"])
+    with atomic_directory(target, overwrite=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
+        torch.save(state, tmp / "state.pt")
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        atomic_write_json(
+            tmp / "meta.json", {"version": CHECKPOINT_VERSION, "lmlab": __version__, **meta}
+        )
+    return target
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_best: bool) -> None:
+    """Delete all but the newest `keep_last` checkpoints and, optionally, the best by val loss."""
+    ckpts = list_checkpoints(run_dir)
+    keep = set(ckpts[-keep_last:]) if keep_last > 0 else set()
+    if keep_best:
+        scored = [(read_meta(c).get("val_loss"), c) for c in ckpts]
+        scored = [(loss, c) for loss, c in scored if loss is not None]
+        if scored:
+            keep.add(min(scored, key=lambda t: t[0])[1])
+    for ckpt in ckpts:
+        if ckpt not in keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def load_state(ckpt: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Optimizer/train/RNG state, loaded with weights_only=True: a pickle that tries to run
+    code is refused with a UserError, never executed."""
+    path = Path(ckpt) / "state.pt"
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{path} holds objects that are not plain tensors or containers; refusing to load it ({str(e).splitlines()[0][:120]})"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise UserError(
+            f"{path} is corrupt or not a checkpoint state: {str(e).splitlines()[0][:160]}"
+        ) from None
+
+
+def load_weights(model: nn.Module, ckpt: str | Path) -> None:
+    """Load safetensors weights into `model` (strict: every tensor must match)."""
+    path = Path(ckpt) / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as e:  # safetensors raises plain errors for bad headers
+        raise UserError(f"{path} could not be loaded: {str(e).splitlines()[0][:200]}") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+
+
+@dataclass
+class ResolvedCheckpoint:
+    path: Path
+    run_dir: Path | None
+    config: Config
+
+
+def resolve_checkpoint(spec: str | Path) -> ResolvedCheckpoint:
+    """A run folder (its newest checkpoint) or a checkpoint folder."""
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass a run folder or a checkpoint folder")
+    if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return ResolvedCheckpoint(path, run_dir, load_config(path / "config.yaml"))
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise UserError(
+            f"{path} has no checkpoints (expected a run folder with checkpoints/ or a checkpoint folder)"
+        )
+    return ResolvedCheckpoint(ckpts[-1], path, load_config(ckpts[-1] / "config.yaml"))
+
+
+def build_from_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, TextTokenizer, Config, checkpoint path): what eval and generate need."""
+    from lmlab.data.tokenizer import load_tokenizer
+    from lmlab.model.build import build_model
+
+    resolved = resolve_checkpoint(spec)
+    model = build_model(resolved.config.model)
+    load_weights(model, resolved.path)
+    model.to(device).eval()
+    tokenizer = load_tokenizer(resolved.path / "tokenizer.json")
+    return model, tokenizer, resolved.config, resolved.path

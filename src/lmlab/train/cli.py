@@ -1,0 +1,89 @@
+"""`lmlab train`: train a model on a prepared data directory, or resume a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmlab.config import build_config, load_config, merge, parse_override
+from lmlab.train.runs import latest_run
+
+EPILOG = """examples:
+  lmlab train --preset tiny --data data/flowroll
+  lmlab train --preset tiny --data data/flowroll train.max_steps=500 model.n_layer=6
+  lmlab train --config my_run.yaml --data data/notes train.lr=3e-4
+  lmlab train --resume runs/tiny/20261123-101500
+  lmlab train --resume latest train.max_steps=2000
+
+Overrides are SECTION.KEY=VALUE for the sections model, data, train, eval, checkpoint and
+logging; `lmlab config show --preset NAME` lists every key with its value. Ctrl-C stops at
+the end of the current step and saves a checkpoint to resume from."""
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmlab train",
+        description="Train a GPT-2 or LLaMA model on token shards written by `lmlab prepare`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides"
+    )
+    parser.add_argument(
+        "--preset", "-p", default=None, help="model or recipe preset (see `lmlab config show`)"
+    )
+    parser.add_argument(
+        "--config", "-c", default=None, metavar="FILE", help="YAML file of config sections"
+    )
+    parser.add_argument(
+        "--data",
+        "-d",
+        default=None,
+        metavar="DATA_DIR",
+        help="prepared data (same as data.path=...)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="auto, cpu, cuda, cuda:N or mps (same as train.device=...)"
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue a run folder, or 'latest'"
+    )
+    parser.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop (with a checkpoint) after step N",
+    )
+    args = parser.parse_args(argv)
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+
+    from lmlab.train.loop import train  # torch is imported only when training
+
+    if args.resume:
+        if args.preset or args.config:
+            parser.error(
+                "--resume continues a run with its saved config; --preset/--config cannot change it"
+            )
+        run_dir = latest_run("runs") if args.resume == "latest" else args.resume
+        cfg = load_config(f"{run_dir}/config.yaml")
+        for text in overrides:
+            cfg = merge(cfg, parse_override(text))
+        result = train(
+            cfg, resume=run_dir, stop_at_step=args.stop_at_step, log=_log, live=sys.stdout.isatty()
+        )
+    else:
+        cfg = build_config(args.preset, args.config, overrides)
+        result = train(cfg, stop_at_step=args.stop_at_step, log=_log, live=sys.stdout.isatty())
+    print(f"run folder: {result.run_dir}")
+    return 130 if result.interrupted and args.stop_at_step is None else 0
+
+
+def _log(message: str, end: str = "\n") -> None:
+    print(message, end=end, flush=True)
