@@ -78,6 +78,7 @@ class TrainState:
 class TrainResult:
     run_dir: Path
     state: TrainState
+    config: Config
     final_eval: dict[str, float] | None = None
     interrupted: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -166,6 +167,7 @@ def train(
     `stop_at_step` ends this invocation early (with a checkpoint), as an interruption would;
     `live` redraws one progress line in place (for terminals).
     """
+    wall_start = time.perf_counter()
     cfg = Config.from_dict(cfg.to_dict())  # a private copy: the vocab may be set from the data
     if resume is not None:
         run_dir = Path(resume)
@@ -243,9 +245,10 @@ def train(
 
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     tb = _tensorboard(run_dir) if cfg.logging.tensorboard else None
-    result = TrainResult(run_dir, state)
+    result = TrainResult(run_dir, state, cfg)
 
     def record(entry: dict[str, Any]) -> None:
+        entry["elapsed_s"] = time.perf_counter() - wall_start  # wall clock of this invocation
         metrics_file.write(json.dumps(entry) + "\n")
         metrics_file.flush()
         result.history.append(entry)
