@@ -15,6 +15,13 @@ Prints one JSON object.  python benchmarks/cpu_reference.py [--only reference|fa
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads spin-wait for work by default; if anything else runs on a 2-core machine,
+# spinning threads starve each other and training slows down many times over. Must be set
+# before torch loads libgomp.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 import argparse
 import json
 import platform

@@ -204,14 +204,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "quickstart": {
         "model": {"preset": "tiny", "context_length": 64},
         "train": {
-            "max_steps": 600,
+            "max_steps": 1400,
             "micro_batch_size": 32,
             "lr": 3e-3,
             "warmup_steps": 50,
             "weight_decay": 0.0,
         },
-        "eval": {"interval": 200, "batches": 10},
-        "checkpoint": {"interval": 300},
+        "eval": {"interval": 350, "batches": 10},
+        "checkpoint": {"interval": 700},
     },
     # The widely used CPU demo recipe (char-level tinyshakespeare), at exactly its shape.
     "shakespeare-char-reference": {
