@@ -221,3 +221,28 @@ def test_weight_decay_only_on_matrices():
     assert any(p is model.lm_head.weight for p in decay["params"])  # untied LLaMA head decays
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == model.num_params()
+
+
+def test_tensorboard_events_are_written(flowroll_data: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    result = train(
+        tiny_config(
+            flowroll_data, tmp_path / "runs", "train.max_steps=2", "logging.tensorboard=true"
+        ),
+        log=lambda *a, **k: None,
+    )
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(flowroll_data: Path, tmp_path: Path):
+    common = ("train.max_steps=4", "model.dropout=0.0", "eval.interval=0", "checkpoint.interval=0")
+    eager = train(tiny_config(flowroll_data, tmp_path / "a", *common), log=lambda *a, **k: None)
+    compiled = train(
+        tiny_config(flowroll_data, tmp_path / "b", *common, "train.compile=true"),
+        log=lambda *a, **k: None,
+    )
+    for (step_a, loss_a), (step_b, loss_b) in zip(
+        losses(eager.run_dir), losses(compiled.run_dir), strict=True
+    ):
+        assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-4)
