@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.model.attention import causal_attention
 from lmlab.model.config import ModelConfig
 
 
@@ -80,25 +81,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     B, n_kv_head, S, head_dim = x.shape
     x = x[:, :, None].expand(B, n_kv_head, n_rep, S, head_dim)
     return x.reshape(B, n_kv_head * n_rep, S, head_dim)
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
-) -> torch.Tensor:
-    """Scaled dot-product attention where query i sees keys up to its own position.
-
-    q is (B, n_head, T, head_dim); k and v are (B, n_head, S, head_dim) with S >= T, the
-    first S - T keys coming from a KV cache. The queries are the last T positions.
-    """
-    T, S = q.size(2), k.size(2)
-    if S == T:  # no cache, or an empty one: the usual triangle
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    if T == 1:  # one new token sees every cached position
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    # Several new tokens after a cache: is_causal would align the triangle to the top-left
-    # (query 0 sees key 0 only), so spell the mask out: query i sees keys 0 .. S - T + i.
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
