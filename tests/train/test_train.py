@@ -246,3 +246,27 @@ def test_compiled_training_matches_eager(flowroll_data: Path, tmp_path: Path):
         losses(eager.run_dir), losses(compiled.run_dir), strict=True
     ):
         assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-4)
+
+
+def test_cli_stop_and_resume_latest(flowroll_data: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # runs/ in the working directory, where `latest` looks
+    args = [
+        "--preset",
+        "ultra-tiny",
+        "--data",
+        str(flowroll_data),
+        "--device",
+        "cpu",
+        "model.context_length=32",
+        "train.micro_batch_size=4",
+        "train.max_steps=6",
+        "eval.interval=0",
+        "logging.tensorboard=false",
+    ]
+    assert cli(["train", *args, "--stop-at-step", "3"]) == 0
+    assert "Continue with: lmlab train --resume" in capsys.readouterr().out
+    assert cli(["train", "--resume", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "from step_00000003" in out and "step 6/6" in out
+    run = next(Path("runs/ultra-tiny").iterdir())
+    assert [c.name for c in list_checkpoints(run)][-1] == "step_00000006"
