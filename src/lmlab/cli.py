@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lmlab.generate.cli:main",
         "Generate text from a checkpoint, streaming to the terminal",
     ),
+    "bench": (
+        "lmlab.train.bench:main",
+        "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
+    ),
     "plan": (
         "lmlab.estimate.cli:main",
         "Estimate parameters, FLOPs, memory, time, cost and loss before training",

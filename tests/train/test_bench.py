@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from lmlab.cli import main as cli_main
+
+
+def test_bench_prints_json_on_cpu(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(
+            [
+                "bench",
+                "--preset",
+                "ultra-tiny",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--seq-len",
+                "32",
+                "--micro-batch",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+    assert info.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0
+    assert result["seq_len"] == 32 and result["micro_batch"] == 2 and result["params"] > 0
+    assert (
+        result["mfu"] is None and result["peak_flops"] is None
+    )  # no known peak for a CPU: n/a, never a guess
+    assert result["peak_memory_bytes"] > 0
+
+
+def test_bench_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--preset", "ultra-tiny", "--steps", "0"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--preset", "nope"])
+    assert info.value.code == 2 and "unknown preset" in capsys.readouterr().err
