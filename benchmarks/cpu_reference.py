@@ -25,7 +25,6 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 from lmlab.config import build_config
 from lmlab.data.prepare import prepare
 from lmlab.model.build import param_count
+from lmlab.train.bench import source_commit
 from lmlab.train.loop import train
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -88,12 +88,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
-    try:
-        out["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        out["commit"] = None
+    out["commit"] = source_commit()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         prepare([str(args.text)], data, "char", log=lambda *_: None)

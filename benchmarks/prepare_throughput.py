@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from lmlab.data.corpus import Corpus
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizer import load_tokenizer, train_bpe
+from lmlab.train.bench import source_commit
 
 DEFAULT_TEXT = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -64,12 +64,7 @@ def main() -> None:
 
     mb = text_bytes / 1e6
     raw_mb_s, prepare_mb_s = mb / min(raw_s), mb / min(prepare_s)
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit = source_commit()
     print(
         json.dumps(
             {

@@ -21,6 +21,11 @@ from lmlab.data.shards import TokenSplit
 from lmlab.errors import UserError
 
 
+def count_windows(split: TokenSplit, seq_len: int) -> list[int]:
+    """Windows of `seq_len + 1` tokens at stride `seq_len` in each shard of `split`."""
+    return [max(0, (len(s) - 1) // seq_len) for s in split.shards]
+
+
 class TokenLoader:
     """Shuffled, epoch-based windows over a split; `state_dict()` captures the cursor."""
 
@@ -36,7 +41,7 @@ class TokenLoader:
     ):
         self.shards, self.batch_size, self.seq_len = split.shards, batch_size, seq_len
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        windows = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        windows = count_windows(split, seq_len)
         self.first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
         self.num_windows = int(self.first_window[-1])
         self.global_batch = batch_size * world_size

@@ -106,8 +106,6 @@ _worker_tokenizer = None
 
 
 def _init_worker(tokenizer_json: str) -> None:
-    import os
-
     # One process per core already; the encoder's own thread pool would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -249,29 +247,30 @@ def prepare(
             initializer=_init_worker,
             initargs=(tok.to_json(),),
         )
-        # Start the workers now, before the progress bar's refresh thread exists: forking a
-        # process that has other threads running is what makes fork unsafe.
-        pool.submit(int).result()
-        with pool, _progress(total_bytes, progress) as bar:
-            task = bar.add_task(
-                "tokenize",
-                total=(total_bytes or 0) / 1e6 or None,
-                total_mb=f"{(total_bytes or 0) / 1e6:,.0f}",
-                mb=0.0,
-                mb_per_s=0.0,
-                tokens_per_s=0.0,
-            )
-            in_flight: collections.deque = collections.deque()
-            args = (tok.eot_id, dtype, seed, val_fraction)
-            for batch in _batches(corpus.documents()):
-                in_flight.append(pool.submit(_encode_batch, batch, *args))
-                # Keep every worker busy, but bound memory; write results in input order.
-                while len(in_flight) > 2 * workers:
+        with pool:
+            # Start the workers now, before the progress bar's refresh thread exists: forking
+            # a process that has other threads running is what makes fork unsafe.
+            pool.submit(int).result()
+            with _progress(total_bytes, progress) as bar:
+                task = bar.add_task(
+                    "tokenize",
+                    total=(total_bytes or 0) / 1e6 or None,
+                    total_mb=f"{(total_bytes or 0) / 1e6:,.0f}",
+                    mb=0.0,
+                    mb_per_s=0.0,
+                    tokens_per_s=0.0,
+                )
+                in_flight: collections.deque = collections.deque()
+                args = (tok.eot_id, dtype, seed, val_fraction)
+                for batch in _batches(corpus.documents()):
+                    in_flight.append(pool.submit(_encode_batch, batch, *args))
+                    # Keep every worker busy, but bound memory; write results in input order.
+                    while len(in_flight) > 2 * workers:
+                        _write_result(in_flight.popleft().result(), writers, counts)
+                        _update(bar, task, counts, writers, encode_started)
+                while in_flight:
                     _write_result(in_flight.popleft().result(), writers, counts)
                     _update(bar, task, counts, writers, encode_started)
-            while in_flight:
-                _write_result(in_flight.popleft().result(), writers, counts)
-                _update(bar, task, counts, writers, encode_started)
         encode_s = time.perf_counter() - encode_started
         shards = {s: w.close() for s, w in writers.items()}
 

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from lmlab.data.loader import TokenLoader
+from lmlab.data.loader import TokenLoader, count_windows
 from lmlab.data.shards import TokenSplit
 
 
@@ -30,7 +30,8 @@ def evaluate_loss(
     divides the total loss in bits by the text bytes those tokens stand for, estimated from
     the split's bytes-per-token ratio: it compares models across tokenizers.
     """
-    loader = TokenLoader(split, min(batch_size, _windows(split, seq_len)), seq_len, shuffle=False)
+    windows = max(1, sum(count_windows(split, seq_len)))
+    loader = TokenLoader(split, min(batch_size, windows), seq_len, shuffle=False)
     n_batches = (
         loader.batches_per_epoch if max_batches <= 0 else min(max_batches, loader.batches_per_epoch)
     )
@@ -52,10 +53,6 @@ def evaluate_loss(
     if bytes_per_token:
         result["val_bits_per_byte"] = mean / math.log(2) / bytes_per_token
     return result
-
-
-def _windows(split: TokenSplit, seq_len: int) -> int:
-    return max(1, sum(max(0, (len(s) - 1) // seq_len) for s in split.shards))
 
 
 def bytes_per_token(manifest: dict, split: str = "val") -> float | None:

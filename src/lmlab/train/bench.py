@@ -20,7 +20,14 @@ import torch
 
 from lmlab.config import build_config
 from lmlab.model.build import build_model
-from lmlab.train.device import autocast, autocast_dtype, peak_flops, select_device, synchronize
+from lmlab.train.device import (
+    autocast,
+    autocast_dtype,
+    peak_flops,
+    precision_name,
+    select_device,
+    synchronize,
+)
 from lmlab.train.optim import build_optimizer
 
 
@@ -95,12 +102,12 @@ def bench(
         if torch_device.type == "cuda"
         else f"{torch_device.type} ({platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": source_commit(),
         "preset": preset,
         "params": model.num_params(),
         "seq_len": seq_len,
         "micro_batch": micro_batch,
-        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+        "precision": precision_name(amp_dtype),
         "compile": compile,
         "warmup_steps": warmup,
         "warmup_s": warmup_s,
@@ -114,7 +121,8 @@ def bench(
     }
 
 
-def _commit() -> str | None:
+def source_commit() -> str | None:
+    """Short git commit of the lmlab source checkout, or None outside a checkout."""
     here = Path(__file__).resolve().parent  # the source checkout, wherever bench runs from
     try:
         return subprocess.run(

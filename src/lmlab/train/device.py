@@ -56,6 +56,11 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """ "fp32", "bf16" or "fp16" for an autocast dtype from `autocast_dtype`."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for `dtype`, or a no-op for fp32."""
     if dtype is None:

@@ -37,7 +37,14 @@ from lmlab.errors import UserError
 from lmlab.eval.metrics import bytes_per_token, evaluate_loss
 from lmlab.model.build import build_model
 from lmlab.train import checkpoint as ckpt_io
-from lmlab.train.device import autocast, autocast_dtype, peak_flops, select_device, synchronize
+from lmlab.train.device import (
+    autocast,
+    autocast_dtype,
+    peak_flops,
+    precision_name,
+    select_device,
+    synchronize,
+)
 from lmlab.train.optim import build_optimizer
 from lmlab.train.runs import new_run_dir
 from lmlab.train.schedule import lr_at
@@ -236,7 +243,7 @@ def train(
     tokens_per_step = micro * seq_len * accum * world_size
     flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(device)
-    amp_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    amp_name = precision_name(amp_dtype)
     log(
         f"model {cfg.model.family} {model.num_params() / 1e6:.2f}M params | "
         f"{micro} seq x {accum} accum x {world_size} proc = {micro * accum * world_size} seq x {seq_len} tokens "
