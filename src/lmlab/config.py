@@ -74,6 +74,12 @@ class TrainConfig:
     """Seed of initialisation, data order and dropout."""
     cpu_threads: int = 0
     """Intra-op threads on CPU (0 -> torch's default)."""
+    strategy: Literal["ddp", "zero1", "fsdp"] = "ddp"
+    """With several processes (torchrun / --nproc): ddp replicates everything; zero1 also shards
+    AdamW's state; fsdp (FSDP2) shards weights, gradients and optimizer state. One process: plain."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute activations in the backward pass to save memory: selective recomputes each
+    block's MLP, full recomputes whole blocks (keeping only their inputs)."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from lmlab import __version__
@@ -58,16 +58,20 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
 
 def save_checkpoint(
     run_dir: str | Path,
-    model: nn.Module,
+    weights: dict[str, torch.Tensor],
     cfg: Config,
     tokenizer_json: str,
     state: dict[str, Any],
     meta: dict[str, Any],
 ) -> Path:
-    """Write one checkpoint atomically and return its folder."""
+    """Write one checkpoint atomically and return its folder.
+
+    `weights` is the model's full state dict with each tied parameter once (see
+    `lmlab.train.distributed.state.full_weights`); `load_weights` restores the ties.
+    """
     target = checkpoint_dir(run_dir, meta["step"])
     with atomic_directory(target, overwrite=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(state, tmp / "state.pt")
         save_config(cfg, tmp / "config.yaml")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")

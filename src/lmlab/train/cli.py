@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lmlab.config import build_config, load_config, merge, parse_override
@@ -14,10 +15,14 @@ EPILOG = """examples:
   lmlab train --config my_run.yaml --data data/notes train.lr=3e-4
   lmlab train --resume runs/tiny/20261123-101500
   lmlab train --resume latest train.max_steps=2000
+  lmlab train --nproc 4 --preset gpt2-124m --data data/web train.strategy=zero1
+  torchrun --nproc_per_node=8 -m lmlab train --preset llama-1.36b --data data/web train.strategy=fsdp
 
 Overrides are SECTION.KEY=VALUE for the sections model, data, train, eval, checkpoint and
 logging; `lmlab config show --preset NAME` lists every key with its value. Ctrl-C stops at
-the end of the current step and saves a checkpoint to resume from."""
+the end of the current step and saves a checkpoint to resume from (with several processes,
+every process stops at once and the run continues from its newest checkpoint).
+Strategies and multi-node launching: docs/distributed.md."""
 
 
 def main(argv: list[str]) -> int:
@@ -56,7 +61,20 @@ def main(argv: list[str]) -> int:
         metavar="N",
         help="stop (with a checkpoint) after step N",
     )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train in K processes on this machine (starts torchrun; one per GPU, or gloo on CPU)",
+    )
     args = parser.parse_args(argv)
+    if args.nproc is not None and args.nproc < 1:
+        parser.error("--nproc must be at least 1")
+    if args.nproc is not None and args.nproc > 1:
+        from lmlab.train.distributed.launch import launch
+
+        return launch("train", args.nproc, argv)
 
     overrides = list(args.overrides)
     if args.data:
@@ -81,7 +99,8 @@ def main(argv: list[str]) -> int:
     else:
         cfg = build_config(args.preset, args.config, overrides)
         result = train(cfg, stop_at_step=args.stop_at_step, log=_log, live=sys.stdout.isatty())
-    print(f"run folder: {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(f"run folder: {result.run_dir}")
     return 130 if result.interrupted and args.stop_at_step is None else 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -42,10 +43,20 @@ from lmlab.train.device import (
     autocast_dtype,
     peak_flops,
     precision_name,
-    select_device,
     synchronize,
 )
-from lmlab.train.optim import build_optimizer
+from lmlab.train.distributed import runtime
+from lmlab.train.distributed.parallelize import (
+    build_strategy_optimizer,
+    gradient_sync,
+    parallelize,
+)
+from lmlab.train.distributed.state import (
+    full_optimizer_state,
+    full_weights,
+    load_optimizer_state,
+    tied_duplicates,
+)
 from lmlab.train.runs import new_run_dir
 from lmlab.train.schedule import lr_at
 
@@ -55,6 +66,8 @@ RESUMABLE_CHANGES = {
     ("train", "device"),
     ("train", "compile"),
     ("train", "cpu_threads"),
+    ("train", "strategy"),
+    ("train", "activation_checkpointing"),
     ("data", "path"),
     *(("eval", f.name) for f in dataclasses.fields(EvalConfig)),
     *(("checkpoint", f.name) for f in dataclasses.fields(CheckpointConfig)),
@@ -92,13 +105,17 @@ class TrainResult:
 
 
 class _StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary and checkpoint."""
+    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary and checkpoint.
 
-    def __init__(self):
-        self.requested, self._previous = False, {}
+    Not under torchrun: its agent answers Ctrl-C by stopping every worker itself, so a
+    multi-process run continues from its newest checkpoint instead (they are atomic).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.requested, self._previous, self.enabled = False, {}, enabled
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -172,8 +189,29 @@ def train(
     """Train per `cfg`, or continue the run folder `resume`. Returns where it wrote.
 
     `stop_at_step` ends this invocation early (with a checkpoint), as an interruption would;
-    `live` redraws one progress line in place (for terminals).
+    `live` redraws one progress line in place (for terminals). Under torchrun every process
+    calls this; each reads its own part of every batch and only rank 0 writes or logs.
     """
+    env, device = runtime.init(cfg.train.device)
+    try:
+        return _train(cfg, env, device, resume, stop_at_step, log if env.is_main else _quiet, live)
+    finally:
+        runtime.shutdown()
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _train(
+    cfg: Config,
+    env: runtime.Dist,
+    device: torch.device,
+    resume: str | Path | None,
+    stop_at_step: int | None,
+    log,
+    live: bool,
+) -> TrainResult:
     wall_start = time.perf_counter()
     cfg = Config.from_dict(cfg.to_dict())  # a private copy: the vocab may be set from the data
     if resume is not None:
@@ -194,71 +232,91 @@ def train(
     cfg.validate()
 
     t = cfg.train
-    device = select_device(t.device)
     if device.type == "cpu" and t.cpu_threads:
         torch.set_num_threads(t.cpu_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp_dtype = autocast_dtype(device, t.precision)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same on every rank: every replica starts identical
     random.seed(t.seed)
 
+    # Build, load weights, then parallelize (checkpointing -> compile -> strategy), then
+    # the optimizer over the parameters the strategy left (sharded ones under fsdp).
     model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(model, t, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    seq_len, micro = cfg.seq_len, t.micro_batch_size
-    world_size = 1
-    accum = (
-        max(1, math.ceil(t.tokens_per_step / (micro * seq_len * world_size)))
-        if t.tokens_per_step
-        else 1
-    )
-    loader = TokenLoader(open_split(cfg.data.path, "train"), micro, seq_len, seed=t.seed)
-    val_split = open_split(cfg.data.path, "val")
-    can_eval = val_split.num_tokens > seq_len
-    state = TrainState()
-
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.seq_len)
+    tied = tied_duplicates(model)
     if resume is not None:
         last = ckpts[-1]
         ckpt_io.load_weights(model, last)
-        saved_state = ckpt_io.load_state(last, map_location=device)
-        optimizer.load_state_dict(saved_state["optimizer"])
+        saved_state = ckpt_io.load_state(last, map_location="cpu")
+    step_model = parallelize(model, t, env, device, amp_dtype)
+    optimizer = build_strategy_optimizer(model, t, env, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    seq_len, micro, world = cfg.seq_len, t.micro_batch_size, env.world_size
+    accum = (
+        max(1, math.ceil(t.tokens_per_step / (micro * seq_len * world))) if t.tokens_per_step else 1
+    )
+    # Each micro-step deals `micro * world` windows out: rank r reads its own slice.
+    loader = TokenLoader(
+        open_split(cfg.data.path, "train"),
+        micro,
+        seq_len,
+        seed=t.seed,
+        rank=env.rank,
+        world_size=world,
+    )
+    val_split = open_split(cfg.data.path, "val")
+    can_eval = val_split.num_tokens > seq_len
+    state = TrainState()
+    tokens_per_step = micro * seq_len * accum * world
+
+    if resume is not None:
+        load_optimizer_state(model, optimizer, saved_state["optimizer"])
         scaler.load_state_dict(saved_state["scaler"])
         loader.load_state_dict(saved_state["loader"])
         state.load_state_dict(saved_state["train"])
-        _set_rng_state(
-            {
-                k: v.cpu() if isinstance(v, torch.Tensor) else v
-                for k, v in saved_state["rng"].items()
-            }
-        )
+        _set_rng_state(saved_state["rng"])
         log(f"resuming {run_dir} from {last.name} (step {state.step})")
+        before = saved_state.get("layout")
+        if before and before["tokens_per_step"] != tokens_per_step:
+            log(
+                f"note: the run trained with {before['tokens_per_step']:,} tokens/step "
+                f"({before['world_size']} proc), now {tokens_per_step:,}: set train.tokens_per_step to keep the batch"
+            )
+        del saved_state
     else:
-        run_dir = new_run_dir(cfg.logging.runs_dir, cfg.logging.name or "run")
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        run_dir = (
+            new_run_dir(cfg.logging.runs_dir, cfg.logging.name or "run") if env.is_main else None
+        )
+        run_dir = runtime.broadcast_object(run_dir, env)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        if os.environ.get("LMLAB_RUN_DIR_FILE"):  # tells `--nproc`'s launcher where we write
+            Path(os.environ["LMLAB_RUN_DIR_FILE"]).write_text(str(run_dir), encoding="utf-8")
 
-    step_model = torch.compile(model) if t.compile else model
-    tokens_per_step = micro * seq_len * accum * world_size
-    flops_per_token = model.flops_per_token(seq_len)
     peak = peak_flops(device)
     amp_name = precision_name(amp_dtype)
+    layout = f"{t.strategy}, " if env.enabled else ""
+    if t.activation_checkpointing != "none":
+        layout += f"{t.activation_checkpointing} activation checkpointing, "
     log(
-        f"model {cfg.model.family} {model.num_params() / 1e6:.2f}M params | "
-        f"{micro} seq x {accum} accum x {world_size} proc = {micro * accum * world_size} seq x {seq_len} tokens "
-        f"= {tokens_per_step:,} tokens/step | {device.type} {amp_name} | {t.max_steps} steps | run {run_dir}"
+        f"model {cfg.model.family} {num_params / 1e6:.2f}M params | "
+        f"{micro} seq x {accum} accum x {world} proc = {micro * accum * world} seq x {seq_len} tokens "
+        f"= {tokens_per_step:,} tokens/step | {layout}{device.type} {amp_name} | {t.max_steps} steps | run {run_dir}"
     )
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-    tb = _tensorboard(run_dir) if cfg.logging.tensorboard else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if env.is_main else None  # noqa: SIM115
+    tb = _tensorboard(run_dir) if cfg.logging.tensorboard and env.is_main else None
     result = TrainResult(run_dir, state, cfg)
 
     def record(entry: dict[str, Any]) -> None:
         entry["elapsed_s"] = time.perf_counter() - wall_start  # wall clock of this invocation
-        metrics_file.write(json.dumps(entry) + "\n")
-        metrics_file.flush()
         result.history.append(entry)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
         if tb is not None:
             for key, value in entry.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
@@ -267,10 +325,12 @@ def train(
     bpt = bytes_per_token(manifest)
 
     def run_eval() -> dict[str, float] | None:
+        # Every rank evaluates the same batches (fsdp needs all ranks in each forward), so
+        # the number is the same at any world size.
         if not can_eval:
             return None
         metrics = evaluate_loss(
-            step_model,
+            model,
             val_split,
             batch_size=micro,
             seq_len=seq_len,
@@ -287,16 +347,26 @@ def train(
     last_eval: dict[str, float] | None = None
 
     def save(val_loss: float | None) -> None:
-        full = {
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "loader": loader.state_dict(),
-            "train": state.state_dict(),
-            "rng": _rng_state(),
-        }
-        meta = {"step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss}
-        ckpt_io.save_checkpoint(run_dir, model, cfg, tokenizer.to_json(), full, meta)
-        ckpt_io.prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        # Gathering is collective (fsdp, zero1): every rank takes part, rank 0 writes.
+        weights = full_weights(model, tied)
+        optimizer_state = full_optimizer_state(model, optimizer, env)
+        if env.is_main:
+            full = {
+                "optimizer": optimizer_state,
+                "scaler": scaler.state_dict(),
+                "loader": loader.state_dict(),
+                "train": state.state_dict(),
+                "rng": _rng_state(),
+                "layout": {
+                    "world_size": world,
+                    "strategy": t.strategy,
+                    "tokens_per_step": tokens_per_step,
+                },
+            }
+            meta = {"step": state.step, "tokens_seen": state.tokens_seen, "val_loss": val_loss}
+            ckpt_io.save_checkpoint(run_dir, weights, cfg, tokenizer.to_json(), full, meta)
+            ckpt_io.prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        runtime.barrier(env)
 
     if state.step == 0 and cfg.eval.interval:
         last_eval = run_eval()
@@ -306,13 +376,13 @@ def train(
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on the device; read back only when logging
     interval_start, interval_steps = time.perf_counter(), 0
-    with _StopFlag() as stop:
+    with _StopFlag(enabled=not env.enabled) as stop:
         try:
             while state.step < t.max_steps:
                 lr = lr_at(state.step, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for _ in range(accum):
+                for micro_step in range(accum):
                     x, y = loader.next_batch()
                     if device.type == "cuda":
                         x, y = (
@@ -321,9 +391,10 @@ def train(
                         )
                     else:
                         x, y = x.to(device), y.to(device)
-                    with autocast(device, amp_dtype):
-                        _, loss = step_model(x, y)
-                    scaler.scale(loss / accum).backward()
+                    with gradient_sync(step_model, sync=micro_step == accum - 1):
+                        with autocast(device, amp_dtype):
+                            _, loss = step_model(x, y)
+                        scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach() / accum
                 if t.grad_clip > 0:
                     scaler.unscale_(optimizer)
@@ -337,11 +408,13 @@ def train(
 
                 final = state.step == t.max_steps
                 if state.step % cfg.logging.interval == 0 or final:
-                    loss_value = loss_sum.item() / interval_steps  # the one host sync per interval
+                    # The one host sync per interval (and, with several ranks, one all-reduce).
+                    loss_value = runtime.mean_across_ranks(loss_sum, env).item() / interval_steps
                     synchronize(device)
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = tokens_per_step * interval_steps / elapsed
-                    mfu = flops_per_token * tokens_per_s / peak if peak else None
+                    # MFU per device: the job's FLOP/s over the peak of all its devices.
+                    mfu = flops_per_token * tokens_per_s / (peak * world) if peak else None
                     eta_s = (t.max_steps - state.step) * elapsed / interval_steps
                     record(
                         {
@@ -393,7 +466,8 @@ def train(
                     break
                 interval_start += time.perf_counter() - paused
         finally:
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             if tb is not None:
                 tb.close()
     if live:

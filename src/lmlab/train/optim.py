@@ -26,14 +26,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; the fused CUDA kernel on GPUs, the foreach implementation elsewhere."""
+def adamw_options(cfg: TrainConfig, device: torch.device) -> dict:
+    """AdamW's settings; the fused CUDA kernel on GPUs, the foreach implementation elsewhere."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps,
-        fused=fused,
-        foreach=None if fused else True,
-    )
+    return {
+        "lr": cfg.lr,
+        "betas": (cfg.beta1, cfg.beta2),
+        "eps": cfg.adam_eps,
+        "fused": fused,
+        "foreach": None if fused else True,
+    }
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the decay / no-decay groups of `model`."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw_options(cfg, device))
