@@ -41,3 +41,24 @@ def test_bench_rejects_bad_values(capsys):
     with pytest.raises(SystemExit) as info:
         cli_main(["bench", "--preset", "nope"])
     assert info.value.code == 2 and "unknown preset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_runs_a_strategy_in_two_processes():
+    import os
+    import subprocess
+    import sys
+
+    args = ["--preset", "ultra-tiny", "--steps", "2", "--warmup", "1", "--seq-len", "32"]
+    args += ["--micro-batch", "2", "--device", "cpu", "--nproc", "2", "--strategy", "zero1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "lmlab", "bench", *args],
+        env={**os.environ, "GOMP_SPINCOUNT": "1000"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # one report, from rank 0
+    assert result["world_size"] == 2 and result["strategy"] == "zero1"
+    assert result["tokens_per_s"] > 0 and result["peak_memory_bytes"] > 0

@@ -3,6 +3,10 @@
 Runs warm-up steps (compilation, allocator, autotuning), then times `--steps` full
 training steps (forward, backward, AdamW) on random tokens, synchronising the device only
 around the timed block. MFU uses the device's dense peak when it is known (else null).
+
+With `--nproc K` (or under torchrun) every process runs the step under `--strategy`,
+exactly as the trainer sets it up (`train.distributed.parallelize`); rank 0 prints the
+job's tokens/s and the largest peak memory of any process.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from lmlab.train.device import (
     autocast_dtype,
     peak_flops,
     precision_name,
-    select_device,
     synchronize,
 )
-from lmlab.train.optim import build_optimizer
+from lmlab.train.distributed import runtime
+from lmlab.train.distributed.parallelize import build_strategy_optimizer, parallelize
 
 
 def bench(
@@ -41,25 +45,48 @@ def bench(
     warmup: int,
     device: str = "auto",
     precision: str = "auto",
+    strategy: str = "ddp",
+    activation_checkpointing: str = "none",
     overrides: list[str] = (),
-) -> dict:
-    """Measure steady-state training speed and peak memory of one preset."""
-    cfg = build_config(preset, overrides=list(overrides))
+) -> dict | None:
+    """Measure steady-state training speed and peak memory of one preset.
+
+    Returns the result on rank 0 (None on other ranks of a multi-process run).
+    """
+    cfg = build_config(
+        preset,
+        overrides=[
+            *overrides,
+            f"train.strategy={strategy}",
+            f"train.activation_checkpointing={activation_checkpointing}",
+            f"train.compile={str(compile).lower()}",
+        ],
+    )
+    env, torch_device = runtime.init(device)
+    try:
+        return _bench(
+            cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup, precision
+        )
+    finally:
+        runtime.shutdown()
+
+
+def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup, precision):
     t = cfg.train
     seq_len = seq_len or cfg.seq_len
     micro_batch = micro_batch or t.micro_batch_size
     if seq_len > cfg.model.context_length:
         cfg.model.context_length = seq_len
-    torch_device = select_device(device)
     amp_dtype = autocast_dtype(torch_device, precision)
     if torch_device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(torch_device)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(torch_device)
-    optimizer = build_optimizer(model, t, torch_device)
-    step_model = torch.compile(model) if compile else model
-    generator = torch.Generator().manual_seed(0)
+    params, flops = model.num_params(), model.flops_per_token(seq_len)
+    step_model = parallelize(model, t, env, torch_device, amp_dtype)
+    optimizer = build_strategy_optimizer(model, t, env, torch_device)
+    generator = torch.Generator().manual_seed(env.rank)
     data = torch.randint(
         0, cfg.model.vocab_size, (4, micro_batch, seq_len + 1), generator=generator
     ).to(torch_device)
@@ -82,20 +109,21 @@ def bench(
         step(i)
     synchronize(torch_device)
     step_s = (time.perf_counter() - started) / steps
-    tokens_per_s = micro_batch * seq_len / step_s
+    step_s = runtime.max_across_ranks(step_s, env, torch_device)  # the slowest rank sets the pace
+    tokens_per_s = micro_batch * seq_len * env.world_size / step_s
     peak = peak_flops(torch_device)
-    flops = model.flops_per_token(seq_len)
     if torch_device.type == "cuda":
-        memory = {
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(torch_device),
-            "memory_measure": "torch.cuda.max_memory_allocated",
-        }
+        peak_bytes, measure = (
+            torch.cuda.max_memory_allocated(torch_device),
+            "torch.cuda.max_memory_allocated",
+        )
     else:
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        memory = {
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-            "memory_measure": "process peak RSS",
-        }
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        measure = "process peak RSS"
+    peak_bytes = runtime.max_across_ranks(peak_bytes, env, torch_device)
+    if not env.is_main:
+        return None
     return {
         "benchmark": "lmlab bench",
         "device": torch.cuda.get_device_name(torch_device)
@@ -104,11 +132,14 @@ def bench(
         "torch": torch.__version__,
         "commit": source_commit(),
         "preset": preset,
-        "params": model.num_params(),
+        "params": params,
         "seq_len": seq_len,
         "micro_batch": micro_batch,
+        "world_size": env.world_size,
+        "strategy": t.strategy if env.enabled else "single",
+        "activation_checkpointing": t.activation_checkpointing,
         "precision": precision_name(amp_dtype),
-        "compile": compile,
+        "compile": t.compile,
         "warmup_steps": warmup,
         "warmup_s": warmup_s,
         "steps": steps,
@@ -116,8 +147,9 @@ def bench(
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops,
         "peak_flops": peak,
-        "mfu": flops * tokens_per_s / peak if peak else None,
-        **memory,
+        "mfu": flops * tokens_per_s / (peak * env.world_size) if peak else None,
+        "peak_memory_bytes": peak_bytes,
+        "memory_measure": measure + (" (largest of the processes)" if env.enabled else ""),
     }
 
 
@@ -141,7 +173,9 @@ def main(argv: list[str]) -> int:
         prog="lmlab bench",
         description="Time training steps of a preset on random tokens; print tokens/s, step time, MFU and peak memory as JSON.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  lmlab bench --preset tiny --steps 10\n  lmlab bench --preset gpt2-124m --seq-len 1024 --micro-batch 16 --compile",
+        epilog="examples:\n  lmlab bench --preset tiny --steps 10\n"
+        "  lmlab bench --preset gpt2-124m --seq-len 1024 --micro-batch 16 --compile\n"
+        "  lmlab bench --preset llama-1.36b --nproc 2 --strategy fsdp --activation-checkpointing full",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides"
@@ -156,13 +190,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=("ddp", "zero1", "fsdp"),
+        help="with several processes (default ddp)",
+    )
+    parser.add_argument(
+        "--activation-checkpointing", default="none", choices=("none", "selective", "full")
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=None, metavar="K", help="run in K processes (starts torchrun)"
+    )
     args = parser.parse_args(argv)
+    if args.nproc is not None and args.nproc < 1:
+        parser.error("--nproc must be at least 1")
     for name in ("seq_len", "micro_batch", "steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
+    if args.nproc is not None and args.nproc > 1:
+        from lmlab.train.distributed.launch import launch
+
+        return launch("bench", args.nproc, argv)
     result = bench(
         args.preset,
         seq_len=args.seq_len,
@@ -172,7 +224,10 @@ def main(argv: list[str]) -> int:
         warmup=args.warmup,
         device=args.device,
         precision=args.precision,
+        strategy=args.strategy,
+        activation_checkpointing=args.activation_checkpointing,
         overrides=args.overrides,
     )
-    print(json.dumps(result, indent=2))
+    if result is not None:  # rank 0 reports for the job
+        print(json.dumps(result, indent=2))
     return 0

@@ -94,12 +94,13 @@ def mean_across_ranks(value: torch.Tensor, env: Dist) -> torch.Tensor:
     return total / env.world_size
 
 
-def max_across_ranks(value: int, env: Dist, device: torch.device) -> int:
+def max_across_ranks(value: float, env: Dist, device: torch.device) -> float:
+    """The largest of a number over all ranks (its type is kept)."""
     if not env.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return type(value)(t.item())
 
 
 def barrier(env: Dist) -> None:
