@@ -7,7 +7,8 @@ After imports the process records its RSS (baseline), builds the model and AdamW
 one tiny optimizer step so AdamW's state exists, then resets the kernel's peak-RSS mark
 (writing 5 to /proc/self/clear_refs) and runs one full training step of two micro-batches
 (gradient accumulation, as the trainer does) plus the AdamW update. Measured =
-VmHWM (peak RSS) - baseline; it includes weights, grads and optimizer state.
+VmHWM (peak RSS) - baseline; it includes weights, grads and optimizer state. Activation
+checkpointing is applied by the trainer's own `apply_activation_checkpointing`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SCRIPT = textwrap.dedent(
     import torch
     from lmlab.model.build import build_model
     from lmlab.model.config import ModelConfig
+    from lmlab.train.distributed.parallelize import apply_activation_checkpointing
 
     def rss(field):
         for line in open("/proc/self/status"):
@@ -42,6 +44,11 @@ SCRIPT = textwrap.dedent(
     B, T = args["micro_batch"], args["seq_len"]
     batches = [torch.randint(0, cfg.vocab_size, (B, T)) for _ in range(2)]
 
+    def build():
+        model = build_model(cfg)
+        apply_activation_checkpointing(model, args.get("checkpointing", "none"))
+        return model
+
     def train_step(model, opt):
         for idx in batches:
             _, loss = model(idx, idx)
@@ -51,11 +58,11 @@ SCRIPT = textwrap.dedent(
 
     # Warm up on a throwaway model, so code pages, thread pools and kernel caches are
     # resident before the baseline; its tensors are unmapped when freed.
-    warm = build_model(cfg)
+    warm = build()
     train_step(warm, torch.optim.AdamW(warm.parameters(), lr=1e-4))
     del warm
     baseline = rss("VmRSS")
-    model = build_model(cfg)
+    model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tiny = torch.randint(0, cfg.vocab_size, (1, 4))
     model(tiny, tiny)[1].backward()
@@ -113,15 +120,28 @@ def measure(case: dict) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize(
+    "checkpointing",
+    [
+        "none",
+        pytest.param("selective", marks=pytest.mark.slow),
+        pytest.param("full", marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("name", list(CASES))
-def test_training_memory_matches_measured_peak_within_15_percent(name):
-    case = CASES[name]
+def test_training_memory_matches_measured_peak_within_15_percent(name, checkpointing):
+    case = {**CASES[name], "checkpointing": checkpointing}
     cfg = ModelConfig(**case["model"])
     estimate = training_memory(
-        cfg, case["micro_batch"], case["seq_len"], precision="fp32", strategy="ddp"
+        cfg,
+        case["micro_batch"],
+        case["seq_len"],
+        precision="fp32",
+        strategy="ddp",
+        activation_checkpointing=checkpointing,
     )
     measured = measure(case)
-    print(name, "measured", measured, "estimated", estimate.to_dict())
+    print(name, checkpointing, "measured", measured, "estimated", estimate.to_dict())
     assert estimate.total_bytes == pytest.approx(measured, rel=0.15)
 
 

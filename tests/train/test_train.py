@@ -270,3 +270,20 @@ def test_cli_stop_and_resume_latest(flowroll_data: Path, tmp_path: Path, monkeyp
     assert "from step_00000003" in out and "step 6/6" in out
     run = next(Path("runs/ultra-tiny").iterdir())
     assert [c.name for c in list_checkpoints(run)][-1] == "step_00000006"
+
+
+def test_latest_run_skips_runs_without_a_checkpoint(tmp_path: Path, monkeypatch, capsys):
+    from lmlab.train.runs import latest_run
+
+    saved = tmp_path / "runs" / "tiny" / "20261123-100000"
+    (saved / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (saved / "checkpoints" / "step_00000005" / "meta.json").write_text("{}")
+    (saved / "config.yaml").write_text("")
+    newer = tmp_path / "runs" / "tiny" / "20261123-110000"  # died before its first save
+    newer.mkdir()
+    (newer / "config.yaml").write_text("")
+    os.utime(saved / "config.yaml", (1, 1))
+    assert latest_run(tmp_path / "runs") == saved
+    monkeypatch.chdir(tmp_path)
+    assert cli(["train", "--resume", "latest", "logging.runs_dir=elsewhere"]) == 2
+    assert "no runs with a checkpoint found under elsewhere" in capsys.readouterr().err

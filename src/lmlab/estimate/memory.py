@@ -26,7 +26,8 @@ The loss adds a logits buffer: cross-entropy runs in fp32 over B*T*V logits, and
 start of the backward pass the saved log-softmax, its incoming gradient and the gradient
 it produces are alive together: 12 bytes per logit.
 
-Activation checkpointing (what the planner assumes; lmlab's trainer does not apply it yet):
+Activation checkpointing (`train.activation_checkpointing`, applied by
+`lmlab.train.distributed.parallelize`):
 - "full": each block keeps only its input (B*T*d, fp32); one block's activations are
   recomputed at a time during the backward pass.
 - "selective": the MLP of each block is recomputed, so its d_ff-wide tensors are not kept.

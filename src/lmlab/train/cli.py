@@ -52,7 +52,10 @@ def main(argv: list[str]) -> int:
         "--device", default=None, help="auto, cpu, cuda, cuda:N or mps (same as train.device=...)"
     )
     parser.add_argument(
-        "--resume", default=None, metavar="RUN_DIR", help="continue a run folder, or 'latest'"
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run folder, or 'latest' (the newest run with a checkpoint under ./runs, or under logging.runs_dir=DIR if given)",
     )
     parser.add_argument(
         "--stop-at-step",
@@ -89,7 +92,18 @@ def main(argv: list[str]) -> int:
             parser.error(
                 "--resume continues a run with its saved config; --preset/--config cannot change it"
             )
-        run_dir = latest_run("runs") if args.resume == "latest" else args.resume
+        if args.resume == "latest":  # under logging.runs_dir when it is given here
+            runs_dir = next(
+                (
+                    o.split("=", 1)[1]
+                    for o in reversed(overrides)
+                    if o.startswith("logging.runs_dir=")
+                ),
+                "runs",
+            )
+            run_dir = latest_run(runs_dir)
+        else:
+            run_dir = args.resume
         cfg = load_config(f"{run_dir}/config.yaml")
         for text in overrides:
             cfg = merge(cfg, parse_override(text))

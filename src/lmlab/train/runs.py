@@ -24,14 +24,20 @@ def new_run_dir(runs_dir: str | Path, name: str) -> Path:
 
 
 def latest_run(runs_dir: str | Path, name: str | None = None) -> Path:
-    """The most recently modified run under runs_dir (optionally under runs_dir/name)."""
+    """The most recently modified run under runs_dir (optionally under runs_dir/name) that
+    has a complete checkpoint to resume from."""
     root = Path(runs_dir) / name if name else Path(runs_dir)
     candidates = [
         p.parent for p in root.glob("**/config.yaml") if p.parent.parent.name != "checkpoints"
     ]
-    candidates = [p for p in candidates if "checkpoints" not in p.parts[len(root.parts) :]]
+    candidates = [
+        p
+        for p in candidates
+        if "checkpoints" not in p.parts[len(root.parts) :]
+        and any((p / "checkpoints").glob("step_*/meta.json"))
+    ]
     if not candidates:
-        raise UserError(f"no runs found under {root} to resume")
+        raise UserError(f"no runs with a checkpoint found under {root} to resume")
     return max(
         candidates,
         key=lambda p: (

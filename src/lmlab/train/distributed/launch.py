@@ -64,12 +64,17 @@ def launch(command: str, nproc: int, argv: list[str]) -> int:
             signal.signal(signal.SIGINT, previous)
         run_dir = run_dir_file.read_text(encoding="utf-8") if run_dir_file.exists() else None
     if rc != 0:
-        where = (
-            f"the newest complete checkpoint in {run_dir} is intact; continue with "
-            f"`lmlab train --resume {run_dir} --nproc {nproc}`"
-            if run_dir and command == "train"
-            else "see the first failure in torchrun's report above"
-        )
+        if run_dir and any(Path(run_dir).glob("checkpoints/step_*/meta.json")):
+            where = (
+                f"the newest complete checkpoint in {run_dir} is intact; continue with "
+                f"`lmlab train --resume {run_dir} --nproc {nproc}`"
+            )
+        elif run_dir:
+            where = (
+                f"{run_dir} has no checkpoint yet; the first failure is in torchrun's report above"
+            )
+        else:
+            where = "the first failure is in torchrun's report above"
         print(
             f"lmlab {command}: a worker process failed or was stopped (torchrun exit status {rc}); "
             f"all {nproc} processes have been stopped. {where[0].upper() + where[1:]}",
