@@ -90,13 +90,31 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def reference(flowroll_data: Path, tmp_path_factory) -> Path:
-    """The one-process run every multi-process run must reproduce."""
-    runs = tmp_path_factory.mktemp("reference")
-    cfg = build_config(
-        "ultra-tiny", overrides=[f"data.path={flowroll_data}", f"logging.runs_dir={runs}", *COMMON]
-    )
-    return train(cfg, log=quiet).run_dir
+def references(flowroll_data: Path, tmp_path_factory):
+    """The one-process run (per model family) every multi-process run must reproduce."""
+    done: dict[str, Path] = {}
+
+    def get(family: str = "llama") -> Path:
+        if family not in done:
+            runs = tmp_path_factory.mktemp(f"reference-{family}")
+            cfg = build_config(
+                "ultra-tiny",
+                overrides=[
+                    f"data.path={flowroll_data}",
+                    f"logging.runs_dir={runs}",
+                    f"model.family={family}",
+                    *COMMON,
+                ],
+            )
+            done[family] = train(cfg, log=quiet).run_dir
+        return done[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references) -> Path:
+    return references("llama")
 
 
 def assert_matches(run: Path, reference: Path, steps: slice = slice(None)) -> None:
@@ -111,11 +129,16 @@ def assert_matches(run: Path, reference: Path, steps: slice = slice(None)) -> No
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "strategy, checkpointing",
-    [("ddp", "none"), ("zero1", "selective"), ("fsdp", "full")],
+    "strategy, checkpointing, family",
+    [
+        ("ddp", "none", "llama"),
+        ("zero1", "selective", "llama"),
+        ("fsdp", "full", "llama"),
+        ("fsdp", "none", "gpt2"),  # tied embedding and head, sharded
+    ],
 )
 def test_two_processes_match_one(
-    strategy, checkpointing, flowroll_data: Path, reference: Path, tmp_path: Path
+    strategy, checkpointing, family, flowroll_data: Path, references, tmp_path: Path
 ):
     done = torchrun(
         [
@@ -128,13 +151,14 @@ def test_two_processes_match_one(
             f"logging.runs_dir={tmp_path}",
             f"train.strategy={strategy}",
             f"train.activation_checkpointing={checkpointing}",
+            f"model.family={family}",
         ]
     )
     summary = next(line for line in done.stdout.splitlines() if line.startswith("model "))
     assert "4 seq x 2 accum x 2 proc = 16 seq x 32 tokens = 512 tokens/step" in summary
     assert strategy in summary
     assert done.stdout.count("run folder:") == 1  # rank 0 speaks for the job
-    assert_matches(only_run(tmp_path), reference)
+    assert_matches(only_run(tmp_path), references(family))
 
 
 @pytest.mark.slow
