@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from lmlab.config import build_config
 from lmlab.data.prepare import prepare
 from lmlab.train.bench import source_commit
 from lmlab.train.checkpoint import list_checkpoints
+from lmlab.train.distributed.launch import torchrun_command
 from lmlab.train.loop import train
 
 SETTINGS = [
@@ -66,13 +66,14 @@ def main() -> None:
         for strategy in ("ddp", "zero1", "fsdp"):
             runs = tmp / f"2-{family}-{strategy}"
             subprocess.run(
-                [
-                    *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-                    *("--nproc_per_node=2", "-m", "lmlab", "train", "--preset", "ultra-tiny"),
-                    *common,
-                    f"logging.runs_dir={runs}",
-                    f"train.strategy={strategy}",
-                ],
+                torchrun_command(
+                    2,
+                    [
+                        *("train", "--preset", "ultra-tiny", *common),
+                        f"logging.runs_dir={runs}",
+                        f"train.strategy={strategy}",
+                    ],
+                ),
                 check=True,
                 capture_output=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -23,7 +23,7 @@ from lmlab.config import build_config
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
 from lmlab.train.checkpoint import list_checkpoints, load_state, load_weights, read_meta
-from lmlab.train.distributed.launch import strip_nproc
+from lmlab.train.distributed.launch import strip_nproc, torchrun_command
 from lmlab.train.distributed.parallelize import apply_activation_checkpointing, parallelize
 from lmlab.train.distributed.runtime import Dist
 from lmlab.train.distributed.state import (
@@ -74,17 +74,9 @@ def only_run(runs: Path) -> Path:
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "1000"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "lmlab",
-        *args,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        torchrun_command(nproc, args), env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

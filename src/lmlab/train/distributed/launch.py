@@ -33,6 +33,20 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def torchrun_command(nproc: int, lmlab_args: list[str]) -> list[str]:
+    """The command line that runs `lmlab LMLAB_ARGS` in `nproc` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a private rendezvous on a free port
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lmlab",
+        *lmlab_args,
+    ]
+
+
 def launch(command: str, nproc: int, argv: list[str]) -> int:
     """Run `lmlab COMMAND ARGV` in `nproc` processes under torchrun; its exit status."""
     if nproc < 1:
@@ -44,17 +58,7 @@ def launch(command: str, nproc: int, argv: list[str]) -> int:
         env = {**os.environ, "LMLAB_RUN_DIR_FILE": str(run_dir_file)}
         # Share the cores out (torchrun's own default is one thread per worker).
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "lmlab",
-            command,
-            *strip_nproc(argv),
-        ]
+        cmd = torchrun_command(nproc, [command, *strip_nproc(argv)])
         # Ctrl-C reaches every process of the terminal; torchrun stops the workers and
         # this launcher stays to report.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

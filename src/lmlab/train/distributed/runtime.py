@@ -66,14 +66,22 @@ def init(device_spec: str) -> tuple[Dist, torch.device]:
         raise UserError(
             f"multi-process training runs on CUDA (nccl) or CPU (gloo), not {device.type}"
         )
-    if not dist.is_initialized():
+    global _started_here
+    if not dist.is_initialized():  # a caller may have set up its own process group
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        _started_here = True
     return env, device
 
 
+_started_here = False
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Tear down the process group `init` started (one a caller made is left alone)."""
+    global _started_here
+    if _started_here and dist.is_initialized():
         dist.destroy_process_group()
+    _started_here = False
 
 
 def broadcast_object(obj: Any, env: Dist) -> Any:
