@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent(
 
     def train_step(model, opt):
         for idx in batches:
-            _, loss = model(idx, idx)
+            loss = model(idx, idx)[1]  # as the trainer: the logits are not kept
             (loss / 2).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,7 +129,7 @@ def measure(case: dict) -> int:
     ],
 )
 @pytest.mark.parametrize("name", list(CASES))
-def test_training_memory_matches_measured_peak_within_15_percent(name, checkpointing):
+def test_training_memory_matches_measured_peak_within_6_percent(name, checkpointing):
     case = {**CASES[name], "checkpointing": checkpointing}
     cfg = ModelConfig(**case["model"])
     estimate = training_memory(
@@ -142,7 +142,7 @@ def test_training_memory_matches_measured_peak_within_15_percent(name, checkpoin
     )
     measured = measure(case)
     print(name, checkpointing, "measured", measured, "estimated", estimate.to_dict())
-    assert estimate.total_bytes == pytest.approx(measured, rel=0.15)
+    assert estimate.total_bytes == pytest.approx(measured, rel=0.06)
 
 
 def test_sharding_divides_the_right_parts():

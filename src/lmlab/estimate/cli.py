@@ -135,6 +135,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("  activations", _gib(mem["activations_bytes"])),
         ("  logits / loss", _gib(mem["logits_bytes"])),
     ]
+    if mem["recompute_bytes"]:
+        rows.append(
+            (
+                "  recomputed block",
+                f"{_gib(mem['recompute_bytes'])} (after the loss buffer is freed: the larger counts)",
+            )
+        )
     if mem["gathered_weights_bytes"]:
         rows.append(("  FSDP gathered block", _gib(mem["gathered_weights_bytes"])))
     rows += [

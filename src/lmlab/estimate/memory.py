@@ -31,6 +31,8 @@ Activation checkpointing (`train.activation_checkpointing`, applied by
 - "full": each block keeps only its input (B*T*d, fp32); one block's activations are
   recomputed at a time during the backward pass.
 - "selective": the MLP of each block is recomputed, so its d_ff-wide tensors are not kept.
+Recomputing starts after the loss's buffer has been freed (the head's backward comes
+first), so the peak holds the larger of the two, not both.
 
 Strategies over `world_size` GPUs: "ddp" shards nothing; "zero1" shards the optimizer
 state; "fsdp" shards weights, gradients and optimizer state, and gathers one block's full
@@ -70,11 +72,14 @@ class MemoryEstimate:
     gradients_bytes: int
     optimizer_bytes: int
     activations_bytes: int
-    """Saved activations of all blocks (plus one block being recomputed, if checkpointing)."""
+    """Activations kept for the backward pass (all of them, or what checkpointing keeps)."""
     logits_bytes: int
-    """The fp32 cross-entropy buffer."""
+    """The fp32 cross-entropy buffer, alive at the start of the backward pass."""
     gathered_weights_bytes: int
     """FSDP only: one block's weights, gathered unsharded while it computes."""
+    recompute_bytes: int = 0
+    """Checkpointing only: one block's (full) or one MLP's (selective) recomputed activations.
+    Recomputing starts after the loss buffer is freed, so the larger of the two counts."""
 
     @property
     def total_bytes(self) -> int:
@@ -83,7 +88,7 @@ class MemoryEstimate:
             + self.gradients_bytes
             + self.optimizer_bytes
             + self.activations_bytes
-            + self.logits_bytes
+            + max(self.logits_bytes, self.recompute_bytes)
             + self.gathered_weights_bytes
         )
 
@@ -119,19 +124,23 @@ def activation_bytes(
     seq_len: int,
     precision: str = "fp32",
     activation_checkpointing: str = "none",
-) -> int:
-    """Saved-activation bytes of all blocks for one micro-batch (logits not included)."""
+) -> tuple[int, int]:
+    """(kept, recomputed) activation bytes for one micro-batch (logits not included).
+
+    Kept: saved for the backward pass across all blocks. Recomputed: the activations of the
+    one block (full) or MLP (selective) being recomputed at a time in the backward pass.
+    """
     full_layer = _layer_activation_bytes(cfg, micro_batch, seq_len, precision, drop_mlp=False)
     # the final norm saves like one more norm, in fp32
     final_norm = micro_batch * seq_len * cfg.d_model * 4 * (3 if cfg.family == "llama" else 2)
     if activation_checkpointing == "none":
-        return cfg.n_layer * full_layer + final_norm
+        return cfg.n_layer * full_layer + final_norm, 0
     if activation_checkpointing == "selective":
         kept = _layer_activation_bytes(cfg, micro_batch, seq_len, precision, drop_mlp=True)
-        return cfg.n_layer * kept + (full_layer - kept) + final_norm
+        return cfg.n_layer * kept + final_norm, full_layer - kept
     if activation_checkpointing == "full":
         block_inputs = cfg.n_layer * micro_batch * seq_len * cfg.d_model * 4
-        return block_inputs + full_layer + final_norm
+        return block_inputs + final_norm, full_layer
     raise UserError(
         f"unknown activation checkpointing {activation_checkpointing!r}; "
         f"choose one of: {', '.join(CHECKPOINTING)}"
@@ -167,15 +176,17 @@ def training_memory(
         # one block's parameters, from the closed form: a 2-layer model minus a 1-layer one
         one_block = param_count(replace(cfg, n_layer=2)) - param_count(replace(cfg, n_layer=1))
         gathered = one_block * WEIGHT_BYTES if world_size > 1 else 0
+    kept, recomputed = activation_bytes(
+        cfg, micro_batch, seq_len, precision, activation_checkpointing
+    )
     return MemoryEstimate(
         weights_bytes=weights,
         gradients_bytes=grads,
         optimizer_bytes=optimizer,
-        activations_bytes=activation_bytes(
-            cfg, micro_batch, seq_len, precision, activation_checkpointing
-        ),
+        activations_bytes=kept,
         logits_bytes=micro_batch * seq_len * cfg.vocab_size * LOGIT_BYTES,
         gathered_weights_bytes=gathered,
+        recompute_bytes=recomputed,
     )
 
 

@@ -43,7 +43,7 @@ def evaluate_loss(
             x, y = loader.next_batch()
             x, y = x.to(device), y.to(device)
             with autocast or nullcontext():
-                _, loss = model(x, y)
+                loss = model(x, y)[1]
             total += loss.double() * y.numel()
             count += y.numel()
     finally:

@@ -94,7 +94,7 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup, 
     def step(i: int) -> None:
         batch = data[i % len(data)]
         with autocast(torch_device, amp_dtype):
-            _, loss = step_model(batch[:, :-1], batch[:, 1:])
+            loss = step_model(batch[:, :-1], batch[:, 1:])[1]  # the logits are not kept alive
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -393,7 +393,7 @@ def _train(
                         x, y = x.to(device), y.to(device)
                     with gradient_sync(step_model, sync=micro_step == accum - 1):
                         with autocast(device, amp_dtype):
-                            _, loss = step_model(x, y)
+                            loss = step_model(x, y)[1]  # the logits are not kept alive
                         scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach() / accum
                 if t.grad_clip > 0:
