@@ -265,6 +265,46 @@ def test_a_killed_rank_stops_the_job_and_keeps_the_checkpoint(flowroll_data: Pat
     assert result.state.step == step + 2
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(flowroll_data: Path, tmp_path: Path):
+    args = [
+        *("--preset", "ultra-tiny", "--data", str(flowroll_data), "--nproc", "2"),
+        *COMMON,
+        "train.max_steps=100000",
+        "checkpoint.interval=100000",  # only the stop itself saves
+        f"logging.runs_dir={tmp_path}",
+    ]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "lmlab", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.poll() is None:
+            metrics = list(tmp_path.glob("*/*/metrics.jsonl"))
+            if metrics and metrics[0].read_text().count("\n") >= 5:
+                break
+            time.sleep(0.2)
+        assert job.poll() is None, job.communicate()
+        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C does: every process gets it
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    run = only_run(tmp_path)
+    (ckpt,) = list_checkpoints(run)
+    step = read_meta(ckpt)["step"]
+    assert f"stopped at step {step}; checkpoint saved" in out
+    assert f"lmlab train --resume {run} --nproc 2" in err
+    cfg = build_config(config_file=str(run / "config.yaml"))
+    cfg.train.max_steps = step + 1
+    assert train(cfg, resume=run, log=quiet).state.step == step + 1
+
+
 # Fast checks of the pieces, in one process.
 
 

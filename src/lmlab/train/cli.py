@@ -21,7 +21,7 @@ EPILOG = """examples:
 Overrides are SECTION.KEY=VALUE for the sections model, data, train, eval, checkpoint and
 logging; `lmlab config show --preset NAME` lists every key with its value. Ctrl-C stops at
 the end of the current step and saves a checkpoint to resume from (with several processes,
-every process stops at once and the run continues from its newest checkpoint).
+all of them stop after the same step).
 Strategies and multi-node launching: docs/distributed.md."""
 
 

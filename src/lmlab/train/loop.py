@@ -107,21 +107,24 @@ class TrainResult:
 class _StopFlag:
     """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary and checkpoint.
 
-    Not under torchrun: its agent answers Ctrl-C by stopping every worker itself, so a
-    multi-process run continues from its newest checkpoint instead (they are atomic).
+    Alone, a second Ctrl-C stops at once. Under torchrun each worker gets the signal twice
+    (from the terminal or SLURM, and forwarded by torchrun's agent, which kills workers
+    still running 30 s later), so repeats are ignored there; the ranks agree on stopping
+    after every step (`runtime.any_rank`).
     """
 
-    def __init__(self, enabled: bool = True):
-        self.requested, self._previous, self.enabled = False, {}, enabled
+    def __init__(self, repeat_stops_at_once: bool = True):
+        self.requested, self._previous = False, {}
+        self.repeat_stops_at_once = repeat_stops_at_once
 
     def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested and self.repeat_stops_at_once:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
 
@@ -376,7 +379,7 @@ def _train(
     model.train()
     loss_sum = torch.zeros((), device=device)  # summed on the device; read back only when logging
     interval_start, interval_steps = time.perf_counter(), 0
-    with _StopFlag(enabled=not env.enabled) as stop:
+    with _StopFlag(repeat_stops_at_once=not env.enabled) as stop:
         try:
             while state.step < t.max_steps:
                 lr = lr_at(state.step, t)
@@ -448,7 +451,7 @@ def _train(
                             f"ppl {last_eval['val_perplexity']:.2f} | "
                             f"bpb {last_eval.get('val_bits_per_byte', float('nan')):.3f}"
                         )
-                stopping = stop.requested or (
+                stopping = runtime.any_rank(stop.requested, env) or (
                     stop_at_step is not None and state.step >= stop_at_step
                 )
                 if (

@@ -66,22 +66,35 @@ def init(device_spec: str) -> tuple[Dist, torch.device]:
         raise UserError(
             f"multi-process training runs on CUDA (nccl) or CPU (gloo), not {device.type}"
         )
-    global _started_here
+    global _started_here, _control_group
     if not dist.is_initialized():  # a caller may have set up its own process group
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         _started_here = True
+    # Small decisions (stop now?) travel over gloo on the CPU, so asking them after every
+    # step never waits for the GPU.
+    _control_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return env, device
 
 
 _started_here = False
+_control_group = None
+
+
+def any_rank(flag: bool, env: Dist) -> bool:
+    """True on every rank when `flag` is true on any rank (a CPU all-reduce, no GPU sync)."""
+    if not env.enabled:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(t.item())
 
 
 def shutdown() -> None:
     """Tear down the process group `init` started (one a caller made is left alone)."""
-    global _started_here
+    global _started_here, _control_group
     if _started_here and dist.is_initialized():
         dist.destroy_process_group()
-    _started_here = False
+    _started_here, _control_group = False, None
 
 
 def broadcast_object(obj: Any, env: Dist) -> Any:
