@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 
 from lmlab.errors import UserError
@@ -72,11 +71,6 @@ def _available(target: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lmlab` console script."""
-    # OpenMP threads spin-wait for work by default. With anything else busy on a laptop's
-    # cores, spinning threads starve each other: training ran at half speed with one busy
-    # core on a 2-core machine, and no slower with a short spin when idle (BENCHMARKS.md).
-    # Must be set before torch loads libgomp, which no command has done yet.
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
