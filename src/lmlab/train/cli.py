@@ -72,9 +72,7 @@ def main(argv: list[str]) -> int:
         help="train in K processes on this machine (starts torchrun; one per GPU, or gloo on CPU)",
     )
     args = parser.parse_args(argv)
-    if args.nproc is not None and args.nproc < 1:
-        parser.error("--nproc must be at least 1")
-    if args.nproc is not None and args.nproc > 1:
+    if args.nproc is not None and args.nproc != 1:  # launch() refuses K < 1
         from lmlab.train.distributed.launch import launch
 
         return launch("train", args.nproc, argv)
