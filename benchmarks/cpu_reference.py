@@ -33,7 +33,7 @@ import torch
 from lmlab.config import build_config
 from lmlab.data.prepare import prepare
 from lmlab.model.build import param_count
-from lmlab.train.bench import source_commit
+from lmlab.runs.provenance import source_commit
 from lmlab.train.loop import train
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -22,7 +22,7 @@ from pathlib import Path
 from lmlab.data.corpus import Corpus
 from lmlab.data.prepare import prepare
 from lmlab.data.tokenizer import load_tokenizer, train_bpe
-from lmlab.train.bench import source_commit
+from lmlab.runs.provenance import source_commit
 
 DEFAULT_TEXT = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"

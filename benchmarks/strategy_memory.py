@@ -22,7 +22,7 @@ import sys
 
 from lmlab.config import build_config
 from lmlab.estimate.memory import training_memory
-from lmlab.train.bench import source_commit
+from lmlab.runs.provenance import source_commit
 
 
 def bench(preset: str, seq_len: int, micro_batch: int, nproc: int, strategy: str) -> dict:

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from lmlab.config import build_config
 from lmlab.data.prepare import prepare
-from lmlab.train.bench import source_commit
-from lmlab.train.checkpoint import list_checkpoints
+from lmlab.runs.checkpoint import list_checkpoints
+from lmlab.runs.provenance import source_commit
 from lmlab.train.distributed.launch import torchrun_command
 from lmlab.train.loop import train
 

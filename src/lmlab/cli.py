@@ -1,52 +1,31 @@
-"""The `lmlab` command: a table of subcommands, each implemented in its own module.
+"""The `lmlab` command: a table of subcommands.
 
-Each entry points at a function `main(argv: list[str]) -> int | None` that owns its
-argument parser. Modules are imported only when their command runs, so `lmlab --help`
-stays fast (no torch import).
+One rule for where a command lives: `lmlab NAME` is `lmlab.commands.NAME.main(argv) -> int`,
+which parses arguments and prints; the work itself is done by library functions in the
+packages (data, train, runs, eval, ...). Modules are imported only when their command
+runs, so `lmlab --help` stays fast (no torch import).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 from lmlab.errors import UserError
 
-# name -> (module:function, one-line description)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": (
-        "lmlab.experiments.quickstart:main",
-        "Train a small model on FLOWROLL end to end, in minutes on a CPU",
-    ),
-    "dsl": (
-        "lmlab.data.dsl.cli:main",
-        "Generate and score the practice languages FLOWROLL and DIMMATCH",
-    ),
-    "tokenizer": (
-        "lmlab.data.tokenizer_cli:main",
-        "Train a byte-level BPE or char-level tokenizer",
-    ),
-    "prepare": (
-        "lmlab.data.prepare:main",
-        "Tokenize text, JSONL, HF datasets or a practice language into token shards",
-    ),
-    "data": ("lmlab.data.data_cli:main", "Inspect or verify a prepared data directory"),
-    "config": ("lmlab.config_cli:main", "Show presets and resolved configurations"),
-    "train": ("lmlab.train.cli:main", "Train a model (resumable; CPU, MPS or CUDA)"),
-    "eval": ("lmlab.eval.cli:main", "Evaluate a checkpoint: val loss, perplexity, bits per byte"),
-    "generate": (
-        "lmlab.generate.cli:main",
-        "Generate text from a checkpoint, streaming to the terminal",
-    ),
-    "bench": (
-        "lmlab.train.bench:main",
-        "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
-    ),
-    "plan": (
-        "lmlab.estimate.cli:main",
-        "Estimate parameters, FLOPs, memory, time, cost and loss before training",
-    ),
+# name -> one-line description; the code is lmlab.commands.<name>:main
+COMMANDS: dict[str, str] = {
+    "quickstart": "Train a small model on FLOWROLL end to end, in minutes on a CPU",
+    "dsl": "Generate and score the practice languages FLOWROLL and DIMMATCH",
+    "tokenizer": "Train a byte-level BPE or char-level tokenizer",
+    "prepare": "Tokenize text, JSONL, HF datasets or a practice language into token shards",
+    "data": "Inspect or verify a prepared data directory",
+    "config": "Show presets and resolved configurations",
+    "plan": "Estimate parameters, FLOPs, memory, time, cost and loss before training",
+    "train": "Train a model (resumable; CPU, MPS or CUDA)",
+    "bench": "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
+    "eval": "Evaluate a checkpoint: val loss, perplexity, bits per byte",
+    "generate": "Generate text from a checkpoint, streaming to the terminal",
 }
 
 
@@ -57,16 +36,15 @@ def _usage() -> str:
         "",
         "commands:",
     ]
-    for name, (target, text) in COMMANDS.items():
-        if _available(target):
-            lines.append(f"  {name.ljust(width)}  {text}")
+    for name, text in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {text}")
     lines += ["", "example:", "  lmlab quickstart"]
     return "\n".join(lines)
 
 
-def _available(target: str) -> bool:
-    module = target.split(":")[0]
-    return importlib.util.find_spec(module) is not None
+def command_module(name: str) -> str:
+    """The module that implements `lmlab NAME`."""
+    return f"lmlab.commands.{name}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,13 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmlab {__version__}")
         sys.exit(0)
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS or not _available(COMMANDS[name][0]):
+    if name not in COMMANDS:
         print(f"lmlab: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
-    module_name, func_name = COMMANDS[name][0].split(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        code = func(rest)
+        code = importlib.import_module(command_module(name)).main(rest)
     except UserError as e:
         print(f"lmlab {name}: error: {e}", file=sys.stderr)
         sys.exit(2)

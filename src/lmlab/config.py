@@ -15,7 +15,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -23,9 +23,23 @@ from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
+from lmlab.recipes import RECIPES
 from lmlab.typed_dict import from_dict, suggest
 
 CONFIG_VERSION = 1
+
+# Choices, each written once: the config validates them, and the planner, `lmlab bench`
+# and the command lines offer the tuples derived from them.
+Strategy = Literal["ddp", "zero1", "fsdp"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+ActivationCheckpointing = Literal["none", "selective", "full"]
+ACTIVATION_CHECKPOINTING: tuple[str, ...] = get_args(ActivationCheckpointing)
+TrainingDType = Literal["fp32", "bf16", "fp16"]
+TRAINING_DTYPES: tuple[str, ...] = get_args(TrainingDType)
+Precision = Literal["auto", TrainingDType]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 @dataclass
@@ -52,7 +66,7 @@ class TrainConfig:
     """The schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 100
     """Linear warmup from 0 to lr over this many steps."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     """Decay after warmup."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not to norms, biases or embeddings)."""
@@ -64,7 +78,7 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     """auto: bf16 autocast on GPUs that support it, fp16 + grad scaler on older GPUs, fp32 on CPU."""
     compile: bool = False
     """torch.compile the model."""
@@ -74,10 +88,10 @@ class TrainConfig:
     """Seed of initialisation, data order and dropout."""
     cpu_threads: int = 0
     """Intra-op threads on CPU (0 -> torch's default)."""
-    strategy: Literal["ddp", "zero1", "fsdp"] = "ddp"
+    strategy: Strategy = "ddp"
     """With several processes (torchrun / --nproc): ddp replicates everything; zero1 also shards
     AdamW's state; fsdp (FSDP2) shards weights, gradients and optimizer state. One process: plain."""
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    activation_checkpointing: ActivationCheckpointing = "none"
     """Recompute activations in the backward pass to save memory: selective recomputes each
     block's MLP, full recomputes whole blocks (keeping only their inputs)."""
 
@@ -202,75 +216,6 @@ class Config:
             raise UserError(
                 f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}"
             )
-
-
-# Training recipes: a model preset plus settings that suit it. Every model preset is also a
-# recipe with default training settings.
-RECIPES: dict[str, dict[str, Any]] = {
-    "quickstart": {
-        "model": {"preset": "tiny", "context_length": 64},
-        "train": {
-            "max_steps": 1400,
-            "micro_batch_size": 32,
-            "lr": 3e-3,
-            "warmup_steps": 50,
-            "weight_decay": 0.0,
-        },
-        "eval": {"interval": 350, "batches": 10},
-        "checkpoint": {"interval": 700},
-    },
-    # The widely used CPU demo recipe (char-level tinyshakespeare), at exactly its shape.
-    "shakespeare-char-reference": {
-        "model": {
-            "preset": "gpt2-124m",
-            "vocab_size": 65,
-            "context_length": 64,
-            "n_layer": 4,
-            "n_head": 4,
-            "d_model": 128,
-            "bias": False,
-        },
-        "train": {
-            "max_steps": 2000,
-            "micro_batch_size": 12,
-            "lr": 1e-3,
-            "warmup_steps": 100,
-            "beta2": 0.99,
-            "weight_decay": 0.1,
-        },
-        "eval": {"interval": 250, "batches": 20},
-    },
-    # lmlab's recipe for the same data: a LLaMA of the same width and depth with a narrower
-    # MLP, trained 3x hotter for fewer steps; val loss 1.88 in well under two minutes on a
-    # 2-core laptop (BENCHMARKS.md).
-    "shakespeare-char-fast": {
-        "model": {
-            "preset": "tiny",
-            "context_length": 64,
-            "n_layer": 4,
-            "n_head": 4,
-            "d_model": 128,
-            "d_ff": 384,
-        },
-        "train": {
-            "max_steps": 1100,
-            "micro_batch_size": 12,
-            "lr": 3e-3,
-            "warmup_steps": 50,
-            "beta2": 0.99,
-            "weight_decay": 0.1,
-            "grad_clip": 0.0,
-        },
-        "eval": {"interval": 100, "batches": 20},
-        "checkpoint": {"interval": 0},
-        "logging": {"interval": 50},
-    },
-}
-RECIPE_DESCRIPTIONS = {
-    "quickstart": "tiny LLaMA for the FLOWROLL quickstart (CPU, a few minutes)",
-    "shakespeare-char-reference": "the classic CPU demo: GPT 4x128, context 64, batch 12, 2000 steps",
-    "shakespeare-char-fast": "lmlab's faster recipe for the same data: LLaMA 4x128, 1100 steps at lr 3e-3",
-}
 
 
 def preset_names() -> list[str]:

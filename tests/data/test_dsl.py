@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import pytest
+from lmlab.commands.dsl import main as dsl_main
 
 import lmlab.cli
 from lmlab.data.dsl import (
@@ -28,7 +29,6 @@ from lmlab.data.dsl import (
     split_line,
     split_of,
 )
-from lmlab.data.dsl.cli import main as dsl_main
 from lmlab.errors import UserError
 
 # ---------------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from lmlab.commands.plan import main
 from lmlab.errors import UserError
 from lmlab.estimate import scaling
-from lmlab.estimate.cli import llama_shape_for, main
 from lmlab.estimate.hardware import load_hardware, parse_hardware_spec
-from lmlab.estimate.plan import make_plan
+from lmlab.estimate.plan import llama_shape_for, make_plan
 from lmlab.model.build import param_count
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
 

@@ -22,7 +22,7 @@ from lmlab.cli import main as cli_main
 from lmlab.config import build_config
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
-from lmlab.train.checkpoint import list_checkpoints, load_state, load_weights, read_meta
+from lmlab.runs.checkpoint import list_checkpoints, load_state, load_weights, read_meta
 from lmlab.train.distributed.launch import strip_nproc, torchrun_command
 from lmlab.train.distributed.parallelize import apply_activation_checkpointing, parallelize
 from lmlab.train.distributed.runtime import Dist

@@ -12,7 +12,7 @@ from lmlab.config import build_config
 from lmlab.data.loader import TokenLoader
 from lmlab.data.shards import open_split
 from lmlab.errors import UserError
-from lmlab.train.checkpoint import list_checkpoints, load_state, read_meta
+from lmlab.runs.checkpoint import list_checkpoints, load_state, read_meta
 from lmlab.train.loop import train
 from lmlab.train.optim import param_groups
 from lmlab.train.schedule import lr_at
@@ -273,7 +273,7 @@ def test_cli_stop_and_resume_latest(flowroll_data: Path, tmp_path: Path, monkeyp
 
 
 def test_latest_run_skips_runs_without_a_checkpoint(tmp_path: Path, monkeypatch, capsys):
-    from lmlab.train.runs import latest_run
+    from lmlab.runs.folder import latest_run
 
     saved = tmp_path / "runs" / "tiny" / "20261123-100000"
     (saved / "checkpoints" / "step_00000005").mkdir(parents=True)

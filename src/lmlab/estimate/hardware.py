@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from lmlab.config import TRAINING_DTYPES
 from lmlab.errors import UserError
 from lmlab.typed_dict import suggest
 
@@ -55,8 +56,10 @@ def _parse(data: object, source: str) -> dict[str, Hardware]:
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: hardware {name!r} has a bad number: {e}") from None
-        if out[str(name).lower()].precision not in ("bf16", "fp16", "fp32"):
-            raise UserError(f"{source}: hardware {name!r}: precision must be bf16, fp16 or fp32")
+        if out[str(name).lower()].precision not in TRAINING_DTYPES:
+            raise UserError(
+                f"{source}: hardware {name!r}: precision must be one of {', '.join(TRAINING_DTYPES)}"
+            )
     return out
 
 

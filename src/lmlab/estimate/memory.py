@@ -46,17 +46,11 @@ one's activations are, so the sum is the real peak, not a loose bound.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 
+from lmlab.config import ACTIVATION_CHECKPOINTING, STRATEGIES, TRAINING_DTYPES
 from lmlab.errors import UserError
 from lmlab.model.build import param_count
 from lmlab.model.config import ModelConfig
-
-Strategy = Literal["ddp", "zero1", "fsdp"]
-Checkpointing = Literal["none", "selective", "full"]
-STRATEGIES = ("ddp", "zero1", "fsdp")
-CHECKPOINTING = ("none", "selective", "full")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 WEIGHT_BYTES = 4  # fp32 parameters (autocast computes in bf16/fp16 from fp32 weights)
 GRAD_BYTES = 4  # gradients have the parameters' dtype
@@ -143,7 +137,7 @@ def activation_bytes(
         return block_inputs + final_norm, full_layer
     raise UserError(
         f"unknown activation checkpointing {activation_checkpointing!r}; "
-        f"choose one of: {', '.join(CHECKPOINTING)}"
+        f"choose one of: {', '.join(ACTIVATION_CHECKPOINTING)}"
     )
 
 
@@ -159,8 +153,10 @@ def training_memory(
     """Peak training memory of one GPU (one micro-batch, AdamW, fp32 parameters)."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision not in TRAINING_DTYPES:
+        raise UserError(
+            f"unknown precision {precision!r}; choose one of: {', '.join(TRAINING_DTYPES)}"
+        )
     if micro_batch < 1 or seq_len < 1 or world_size < 1:
         raise UserError("micro-batch, sequence length and GPU count must be at least 1")
     n_params = param_count(cfg)

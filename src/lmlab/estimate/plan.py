@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lmlab.config import ACTIVATION_CHECKPOINTING, STRATEGIES
 from lmlab.errors import UserError
 from lmlab.estimate import scaling
 from lmlab.estimate.hardware import Hardware, load_hardware, parse_hardware_spec
@@ -51,11 +52,11 @@ def _suggestions(cfg: ModelConfig, s: dict[str, Any], usable_bytes: float) -> li
         mb //= 2
     if mb >= 1:
         out.append(f"--micro-batch {mb} (gradient accumulation keeps the tokens per step)")
-    for ac in ("selective", "full"):
+    for ac in ACTIVATION_CHECKPOINTING[1:]:  # the cheapest that fits
         if s["activation_checkpointing"] != ac and fits(activation_checkpointing=ac):
             out.append(f"--activation-checkpointing {ac}")
             break
-    for strategy in ("zero1", "fsdp"):
+    for strategy in STRATEGIES[1:]:  # those that shard something
         if s["strategy"] != strategy and fits(strategy=strategy):
             out.append(f"--strategy {strategy}")
             break
@@ -208,3 +209,30 @@ def impossible_reason(plan: dict[str, Any]) -> str:
         f"needs {need:.1f} GiB per GPU, {have:.0f} GiB available "
         f"({have * (1 - HEADROOM):.1f} GiB usable after 10% headroom): try {fixes}"
     )
+
+
+def llama_shape_for(n_params: float, vocab_size: int = 32000, context_length: int = 2048):
+    """A LLaMA config with about n_params parameters.
+
+    Keeps LLaMA's aspect ratio d_model ~= 128 * n_layer (LLaMA-7B: 4096 / 32; our
+    llama-1.36b: 2304 / 18), d_model a multiple of 64, heads of 64 (128 from d_model 1024
+    up), and picks the depth whose closed-form parameter count is nearest n_params.
+    """
+    if n_params <= 0:
+        raise UserError(f"--params must be positive, got {n_params}")
+    best = None
+    for n_layer in range(1, 161):
+        d_model = max(64, 64 * round(128 * n_layer / 64))
+        head_dim = 128 if d_model >= 1024 else 64
+        cfg = ModelConfig(
+            family="llama",
+            vocab_size=vocab_size,
+            context_length=context_length,
+            n_layer=n_layer,
+            n_head=d_model // head_dim,
+            d_model=d_model,
+        )
+        error = abs(param_count(cfg) - n_params)
+        if best is None or error < best[0]:
+            best = (error, cfg)
+    return best[1]

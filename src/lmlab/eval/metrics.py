@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmlab.data.loader import TokenLoader, count_windows
-from lmlab.data.shards import TokenSplit
+from lmlab.data.shards import TokenSplit, load_manifest, open_split
+from lmlab.data.tokenizer import load_tokenizer
+from lmlab.errors import UserError
+from lmlab.runs.device import select_device
+from lmlab.runs.load import build_from_checkpoint
 
 
 @torch.no_grad()
@@ -59,3 +64,38 @@ def bytes_per_token(manifest: dict, split: str = "val") -> float | None:
     """Text bytes per token of a split, from the manifest (end-of-document tokens included)."""
     info = manifest["splits"][split]
     return info["text_bytes"] / info["tokens"] if info["tokens"] else None
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    *,
+    split: str = "val",
+    batches: int = 0,
+    batch_size: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Evaluate a run folder or checkpoint on a data directory (default: the run's own data)."""
+    torch_device = select_device(device)
+    model, tokenizer, cfg, path = build_from_checkpoint(checkpoint, torch_device)
+    data = data or cfg.data.path
+    manifest = load_manifest(data)
+    data_tok = load_tokenizer(Path(data) / manifest["tokenizer"]["file"])
+    if data_tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"{data} uses a vocabulary of {data_tok.vocab_size:,} tokens, larger than the model's {cfg.model.vocab_size:,}"
+        )
+    if data_tok.to_json() != tokenizer.to_json():
+        raise UserError(
+            f"{data} was tokenized with a different tokenizer than {path}; losses would be meaningless"
+        )
+    result = evaluate_loss(
+        model,
+        open_split(data, split),
+        batch_size=batch_size or cfg.train.micro_batch_size,
+        seq_len=cfg.seq_len,
+        max_batches=batches,
+        device=torch_device,
+        bytes_per_token=bytes_per_token(manifest, split),
+    )
+    return {"checkpoint": str(path), "data": str(data), "split": split, **result}

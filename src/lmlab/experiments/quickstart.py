@@ -11,7 +11,6 @@ Every step of a real project, end to end and offline:
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from lmlab.data.prepare import prepare, summary_lines
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.generate.text import generate_text
 from lmlab.model.build import build_model
-from lmlab.train.checkpoint import build_from_checkpoint
+from lmlab.runs.load import build_from_checkpoint
 from lmlab.train.loop import train
 
 LANGUAGE = "flowroll"
@@ -159,35 +158,3 @@ def run_quickstart(
     log(f'try:        lmlab generate {result.run_dir} --prompt "{test[0]} =>" --temperature 0')
     log(f"done in {elapsed:.0f} s")
     return summary
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lmlab quickstart",
-        description="Teach a small LLaMA the FLOWROLL practice language on a CPU: data, tokenizer, training, scoring.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  lmlab quickstart\n  lmlab quickstart --out /tmp/qs --steps 200",
-    )
-    parser.add_argument(
-        "--out", default="quickstart", help="folder for data and runs (default ./quickstart)"
-    )
-    parser.add_argument(
-        "--programs", type=int, default=30_000, help="training programs to generate (default 30000)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)"
-    )
-    parser.add_argument(
-        "--test-programs", type=int, default=200, help="held-out programs to score (default 200)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    run_quickstart(
-        args.out,
-        programs=args.programs,
-        steps=args.steps,
-        test_programs=args.test_programs,
-        seed=args.seed,
-        log=lambda m: print(m, flush=True),
-    )
-    return 0

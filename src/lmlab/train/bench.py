@@ -11,26 +11,23 @@ job's tokens/s and the largest peak memory of any process.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from lmlab.config import build_config
 from lmlab.model.build import build_model
-from lmlab.train.device import (
+from lmlab.runs.device import (
     autocast,
     autocast_dtype,
     peak_flops,
     precision_name,
     synchronize,
 )
+from lmlab.runs.provenance import source_commit
 from lmlab.train.distributed import runtime
 from lmlab.train.distributed.parallelize import build_strategy_optimizer, parallelize
 
@@ -151,81 +148,3 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup, 
         "peak_memory_bytes": peak_bytes,
         "memory_measure": measure + (" (largest of the processes)" if env.enabled else ""),
     }
-
-
-def source_commit() -> str | None:
-    """Short git commit of the lmlab source checkout, or None outside a checkout."""
-    here = Path(__file__).resolve().parent  # the source checkout, wherever bench runs from
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lmlab bench",
-        description="Time training steps of a preset on random tokens; print tokens/s, step time, MFU and peak memory as JSON.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  lmlab bench --preset tiny --steps 10\n"
-        "  lmlab bench --preset gpt2-124m --seq-len 1024 --micro-batch 16 --compile\n"
-        "  lmlab bench --preset llama-1.36b --nproc 2 --strategy fsdp --activation-checkpointing full",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides"
-    )
-    parser.add_argument("--preset", "-p", required=True)
-    parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
-    parser.add_argument(
-        "--micro-batch", type=int, default=None, help="sequences per step (default: the preset's)"
-    )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    parser.add_argument(
-        "--strategy",
-        default="ddp",
-        choices=("ddp", "zero1", "fsdp"),
-        help="with several processes (default ddp)",
-    )
-    parser.add_argument(
-        "--activation-checkpointing", default="none", choices=("none", "selective", "full")
-    )
-    parser.add_argument(
-        "--nproc", type=int, default=None, metavar="K", help="run in K processes (starts torchrun)"
-    )
-    args = parser.parse_args(argv)
-    for name in ("seq_len", "micro_batch", "steps"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 0:
-        parser.error("--warmup must not be negative")
-    if args.nproc is not None and args.nproc != 1:  # launch() refuses K < 1
-        from lmlab.train.distributed.launch import launch
-
-        return launch("bench", args.nproc, argv)
-    result = bench(
-        args.preset,
-        seq_len=args.seq_len,
-        micro_batch=args.micro_batch,
-        compile=args.compile,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=args.device,
-        precision=args.precision,
-        strategy=args.strategy,
-        activation_checkpointing=args.activation_checkpointing,
-        overrides=args.overrides,
-    )
-    if result is not None:  # rank 0 reports for the job
-        print(json.dumps(result, indent=2))
-    return 0

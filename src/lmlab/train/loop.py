@@ -37,14 +37,15 @@ from lmlab.data.tokenizer import load_tokenizer
 from lmlab.errors import UserError
 from lmlab.eval.metrics import bytes_per_token, evaluate_loss
 from lmlab.model.build import build_model
-from lmlab.train import checkpoint as ckpt_io
-from lmlab.train.device import (
+from lmlab.runs import checkpoint as ckpt_io
+from lmlab.runs.device import (
     autocast,
     autocast_dtype,
     peak_flops,
     precision_name,
     synchronize,
 )
+from lmlab.runs.folder import new_run_dir
 from lmlab.train.distributed import runtime
 from lmlab.train.distributed.parallelize import (
     build_strategy_optimizer,
@@ -57,7 +58,6 @@ from lmlab.train.distributed.state import (
     load_optimizer_state,
     tied_duplicates,
 )
-from lmlab.train.runs import new_run_dir
 from lmlab.train.schedule import lr_at
 
 # Settings a resumed run may change; anything else must match the saved config.

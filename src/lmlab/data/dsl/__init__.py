@@ -16,23 +16,20 @@ this package does not import torch.
 
 from lmlab.data.dsl.common import (
     DIFFICULTIES,
-    LANGUAGES,
     SPLITS,
     DSLError,
     DSLSyntaxError,
     DSLTypeError,
     Language,
-    evaluate,
     format_line,
     format_prompt,
-    generate_corpus,
-    get_language,
     parse_difficulty,
     split_line,
     split_of,
 )
 from lmlab.data.dsl.dimmatch import DIMMATCH, DimMatch
 from lmlab.data.dsl.flowroll import FLOWROLL, FlowRoll
+from lmlab.data.dsl.registry import LANGUAGES, evaluate, generate_corpus, get_language
 
 __all__ = [
     "DIFFICULTIES",

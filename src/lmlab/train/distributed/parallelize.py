@@ -22,7 +22,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from lmlab.config import TrainConfig
+from lmlab.config import ACTIVATION_CHECKPOINTING, TrainConfig
 from lmlab.errors import UserError
 from lmlab.train.distributed.runtime import Dist
 from lmlab.train.optim import adamw_options, build_optimizer, param_groups
@@ -39,7 +39,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             block.mlp = checkpoint_wrapper(block.mlp, preserve_rng_state=True)
         else:
             raise UserError(
-                f"activation checkpointing must be none, selective or full, not {mode!r}"
+                f"activation checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, not {mode!r}"
             )
 
 

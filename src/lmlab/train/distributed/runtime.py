@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lmlab.errors import UserError
-from lmlab.train.device import select_device
+from lmlab.runs.device import select_device
 
 
 @dataclass(frozen=True)

@@ -5,29 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from lmlab.data.prepare import summary_lines
-from lmlab.data.shards import load_manifest, open_split, verify
-from lmlab.data.tokenizer import load_tokenizer
-
-
-def inspect(data_dir: str | Path, sample_tokens: int = 200) -> str:
-    """Manifest summary plus a decoded sample from the start of the train split."""
-    manifest = load_manifest(data_dir)
-    lines = [f"{data_dir} ({manifest['created_by']}, format v{manifest['version']})"]
-    lines += ["  " + line for line in summary_lines(manifest)]
-    source = manifest["source"]
-    lines.append(
-        f"  source: {', '.join(source['inputs'])} (documents: {source['doc_unit']}, seed {source['seed']})"
-    )
-    split = open_split(data_dir, "train")
-    if split.num_tokens and sample_tokens > 0:
-        tok = load_tokenizer(Path(data_dir) / manifest["tokenizer"]["file"])
-        ids = split.shards[0][:sample_tokens].tolist()
-        lines.append(f"  first {len(ids)} train tokens, decoded:")
-        lines.append(tok.decode(ids))
-    return "\n".join(lines)
+from lmlab.data.prepare import inspect
+from lmlab.data.shards import load_manifest, verify
 
 
 def main(argv: list[str]) -> int:

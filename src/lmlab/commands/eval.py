@@ -4,51 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from lmlab.data.shards import load_manifest, open_split
-from lmlab.data.tokenizer import load_tokenizer
 from lmlab.errors import UserError
-from lmlab.eval.metrics import bytes_per_token, evaluate_loss
-from lmlab.train.checkpoint import build_from_checkpoint
-from lmlab.train.device import select_device
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    data: str | Path | None = None,
-    *,
-    split: str = "val",
-    batches: int = 0,
-    batch_size: int | None = None,
-    device: str = "auto",
-) -> dict:
-    """Evaluate a run folder or checkpoint on a data directory (default: the run's own data)."""
-    torch_device = select_device(device)
-    model, tokenizer, cfg, path = build_from_checkpoint(checkpoint, torch_device)
-    data = data or cfg.data.path
-    manifest = load_manifest(data)
-    data_tok = load_tokenizer(Path(data) / manifest["tokenizer"]["file"])
-    if data_tok.vocab_size > cfg.model.vocab_size:
-        raise UserError(
-            f"{data} uses a vocabulary of {data_tok.vocab_size:,} tokens, larger than the model's {cfg.model.vocab_size:,}"
-        )
-    if data_tok.to_json() != tokenizer.to_json():
-        raise UserError(
-            f"{data} was tokenized with a different tokenizer than {path}; losses would be meaningless"
-        )
-    result = evaluate_loss(
-        model,
-        open_split(data, split),
-        batch_size=batch_size or cfg.train.micro_batch_size,
-        seq_len=cfg.seq_len,
-        max_batches=batches,
-        device=torch_device,
-        bytes_per_token=bytes_per_token(manifest, split),
-    )
-    return {"checkpoint": str(path), "data": str(data), "split": split, **result}
+from lmlab.eval.metrics import evaluate_checkpoint
 
 
 def main(argv: list[str]) -> int:

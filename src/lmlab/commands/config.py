@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from lmlab.config import RECIPE_DESCRIPTIONS, RECIPES, build_config, to_yaml
+from lmlab.config import build_config, to_yaml
 from lmlab.model.build import flops_per_token, param_count
 from lmlab.model.presets import MODEL_PRESETS
+from lmlab.recipes import RECIPE_DESCRIPTIONS, RECIPES
 
 
 def preset_table() -> str:

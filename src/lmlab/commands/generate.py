@@ -8,8 +8,8 @@ import sys
 import torch
 
 from lmlab.generate.text import generate_text
-from lmlab.train.checkpoint import build_from_checkpoint
-from lmlab.train.device import select_device
+from lmlab.runs.device import select_device
+from lmlab.runs.load import build_from_checkpoint
 
 
 def main(argv: list[str]) -> int:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lmlab.config import ACTIVATION_CHECKPOINTING, STRATEGIES, TRAINING_DTYPES
 from lmlab.errors import UserError
-from lmlab.estimate.hardware import load_hardware, parse_hardware_spec
-from lmlab.estimate.memory import CHECKPOINTING, STRATEGIES
-from lmlab.estimate.plan import GIB, impossible_reason, make_plan
-from lmlab.model.build import param_count
+from lmlab.estimate.api import api_comparison, load_prices
+from lmlab.estimate.hardware import load_hardware
+from lmlab.estimate.plan import GIB, impossible_reason, llama_shape_for, make_plan
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
 
@@ -25,40 +22,6 @@ examples:
   lmlab plan --preset small --tokens 50e6 --hardware cpu-laptop --seq-len 256
   lmlab plan api --tokens-in 2e9 --tokens-out 5e8 --preset gpt2-124m --hardware h100
 """
-
-# Illustrative API prices, per million tokens. NOT a quote of any provider: pass --prices.
-EXAMPLE_API_PRICES = {
-    "input_usd_per_million": 0.50,
-    "output_usd_per_million": 1.50,
-    "note": "EXAMPLE prices, 2026-11, not any provider's; pass --prices FILE with yours",
-}
-
-
-def llama_shape_for(n_params: float, vocab_size: int = 32000, context_length: int = 2048):
-    """A LLaMA config with about n_params parameters.
-
-    Keeps LLaMA's aspect ratio d_model ~= 128 * n_layer (LLaMA-7B: 4096 / 32; our
-    llama-1.36b: 2304 / 18), d_model a multiple of 64, heads of 64 (128 from d_model 1024
-    up), and picks the depth whose closed-form parameter count is nearest n_params.
-    """
-    if n_params <= 0:
-        raise UserError(f"--params must be positive, got {n_params}")
-    best = None
-    for n_layer in range(1, 161):
-        d_model = max(64, 64 * round(128 * n_layer / 64))
-        head_dim = 128 if d_model >= 1024 else 64
-        cfg = ModelConfig(
-            family="llama",
-            vocab_size=vocab_size,
-            context_length=context_length,
-            n_layer=n_layer,
-            n_head=d_model // head_dim,
-            d_model=d_model,
-        )
-        error = abs(param_count(cfg) - n_params)
-        if best is None or error < best[0]:
-            best = (error, cfg)
-    return best[1]
 
 
 def _number(text: str) -> float:
@@ -81,8 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU pass (8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (model context)")
     p.add_argument("--strategy", choices=STRATEGIES, default="ddp")
-    p.add_argument("--activation-checkpointing", choices=CHECKPOINTING, default="none")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="(the hardware's)")
+    p.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none")
+    p.add_argument("--precision", choices=TRAINING_DTYPES, help="(the hardware's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -205,61 +168,6 @@ def _plan_main(argv: list[str]) -> int:
     return 0 if plan["fits"] else 1
 
 
-def _load_prices(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return EXAMPLE_API_PRICES
-    try:
-        data = yaml.safe_load(Path(path).read_text())  # YAML is a superset of JSON
-    except OSError as e:
-        raise UserError(f"cannot read prices file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"prices file {path} is not valid YAML/JSON: {e}") from None
-    keys = ("input_usd_per_million", "output_usd_per_million")
-    if not isinstance(data, dict) or any(not isinstance(data.get(k), (int, float)) for k in keys):
-        raise UserError(f"prices file {path} needs numbers for {' and '.join(keys)}")
-    return data
-
-
-def api_comparison(
-    model_cfg: ModelConfig,
-    tokens_in: float,
-    tokens_out: float,
-    prices: dict[str, Any],
-    hardware: str = "1xh100",
-    mfu: float = 0.4,
-    train_tokens: float | None = None,
-) -> dict[str, Any]:
-    """API bill for the tokens vs. training a model locally and serving the same tokens.
-
-    Serving is priced as 2 FLOPs per parameter per token at the given MFU: optimistic for
-    token-by-token decoding, which is limited by memory bandwidth, not FLOPs.
-    """
-    api = (
-        tokens_in / 1e6 * prices["input_usd_per_million"]
-        + tokens_out / 1e6 * prices["output_usd_per_million"]
-    )
-    plan = make_plan(model_cfg, tokens=train_tokens, hardware=hardware, mfu=mfu)
-    count, hw = parse_hardware_spec(hardware)
-    serve_hours = serve_cost = None
-    if hw.peak_flops and hw.example_price_usd_per_hour is not None:
-        serve_flops = 2 * plan["params"] * (tokens_in + tokens_out)
-        serve_hours = serve_flops / (count * hw.peak_flops * mfu) / 3600
-        serve_cost = serve_hours * count * hw.example_price_usd_per_hour
-    local = (
-        None if plan["cost_usd"] is None or serve_cost is None else plan["cost_usd"] + serve_cost
-    )
-    return {
-        "api_cost_usd": api,
-        "api_prices": prices,
-        "train_cost_usd": plan["cost_usd"],
-        "train_tokens": plan["tokens"],
-        "serve_hours": serve_hours,
-        "serve_cost_usd": serve_cost,
-        "local_cost_usd": local,
-        "hardware_price_note": hw.price_note,
-    }
-
-
 def _api_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="lmlab plan api",
@@ -281,7 +189,7 @@ def _api_main(argv: list[str]) -> int:
         _model(args),
         args.tokens_in,
         args.tokens_out,
-        _load_prices(args.prices),
+        load_prices(args.prices),
         args.hardware,
         args.mfu,
         args.train_tokens,

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmlab.data.dsl.common import LANGUAGES, SPLITS, evaluate, generate_corpus, get_language
+from lmlab.data.dsl.common import SPLITS
+from lmlab.data.dsl.registry import LANGUAGES, evaluate, generate_corpus, get_language
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
 

@@ -145,16 +145,3 @@ def resolve_checkpoint(spec: str | Path) -> ResolvedCheckpoint:
             f"{path} has no checkpoints (expected a run folder with checkpoints/ or a checkpoint folder)"
         )
     return ResolvedCheckpoint(ckpts[-1], path, load_config(ckpts[-1] / "config.yaml"))
-
-
-def build_from_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, TextTokenizer, Config, checkpoint path): what eval and generate need."""
-    from lmlab.data.tokenizer import load_tokenizer
-    from lmlab.model.build import build_model
-
-    resolved = resolve_checkpoint(spec)
-    model = build_model(resolved.config.model)
-    load_weights(model, resolved.path)
-    model.to(device).eval()
-    tokenizer = load_tokenizer(resolved.path / "tokenizer.json")
-    return model, tokenizer, resolved.config, resolved.path

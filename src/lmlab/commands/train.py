@@ -7,7 +7,7 @@ import os
 import sys
 
 from lmlab.config import build_config, load_config, merge, parse_override
-from lmlab.train.runs import latest_run
+from lmlab.runs.folder import latest_run
 
 EPILOG = """examples:
   lmlab train --preset tiny --data data/flowroll
