@@ -5,12 +5,13 @@ training steps (forward, backward, AdamW) on random tokens, synchronising the de
 around the timed block. MFU uses the device's dense peak when it is known (else null).
 
 With `--nproc K` (or under torchrun) every process runs the step under `--strategy`,
-exactly as the trainer sets it up (`train.distributed.parallelize`); rank 0 prints the
+exactly as the trainer sets it up and steps it (`lmlab.train.setup`); rank 0 prints the
 job's tokens/s and the largest peak memory of any process.
 """
 
 from __future__ import annotations
 
+import itertools
 import platform
 import resource
 import sys
@@ -19,17 +20,14 @@ import time
 import torch
 
 from lmlab.config import build_config
-from lmlab.model.build import build_model
 from lmlab.runs.device import (
-    autocast,
-    autocast_dtype,
     peak_flops,
     precision_name,
     synchronize,
 )
 from lmlab.runs.provenance import source_commit
 from lmlab.train.distributed import runtime
-from lmlab.train.distributed.parallelize import build_strategy_optimizer, parallelize
+from lmlab.train.setup import build_engine, train_step
 
 
 def bench(
@@ -57,44 +55,35 @@ def bench(
             f"train.strategy={strategy}",
             f"train.activation_checkpointing={activation_checkpointing}",
             f"train.compile={str(compile).lower()}",
+            f"train.precision={precision}",
         ],
     )
     env, torch_device = runtime.init(device)
     try:
-        return _bench(
-            cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup, precision
-        )
+        return _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup)
     finally:
         runtime.shutdown()
 
 
-def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup, precision):
+def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
     t = cfg.train
     seq_len = seq_len or cfg.seq_len
     micro_batch = micro_batch or t.micro_batch_size
     if seq_len > cfg.model.context_length:
         cfg.model.context_length = seq_len
-    amp_dtype = autocast_dtype(torch_device, precision)
     if torch_device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(torch_device)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model).to(torch_device)
-    params, flops = model.num_params(), model.flops_per_token(seq_len)
-    step_model = parallelize(model, t, env, torch_device, amp_dtype)
-    optimizer = build_strategy_optimizer(model, t, env, torch_device)
+    engine = build_engine(cfg, env, torch_device)  # the trainer's own set-up
+    amp_dtype = engine.amp_dtype
+    params, flops = engine.model.num_params(), engine.model.flops_per_token(seq_len)
     generator = torch.Generator().manual_seed(env.rank)
     data = torch.randint(
         0, cfg.model.vocab_size, (4, micro_batch, seq_len + 1), generator=generator
-    ).to(torch_device)
+    )
+    batches = itertools.cycle([(batch[:, :-1], batch[:, 1:]) for batch in data])
 
-    def step(i: int) -> None:
-        batch = data[i % len(data)]
-        with autocast(torch_device, amp_dtype):
-            loss = step_model(batch[:, :-1], batch[:, 1:])[1]  # the logits are not kept alive
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(i: int) -> None:  # the trainer's own step, one micro-batch per step
+        train_step(engine, lambda: next(batches), accum=1, lr=t.lr, grad_clip=t.grad_clip)
 
     warm_started = time.perf_counter()
     for i in range(warmup):

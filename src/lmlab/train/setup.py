@@ -1,0 +1,114 @@
+"""Set-up and the training step, shared by `lmlab train` and `lmlab bench`.
+
+    build_engine   device settings -> seeded model -> (checkpoint weights) -> parallelize
+                   (checkpointing, compile, strategy) -> the strategy's AdamW -> grad scaler
+    train_step     one optimizer step: `accum` micro-batches of forward + backward, gradient
+                   clipping, AdamW, zero_grad
+
+Both live here so that the benchmark times exactly what the trainer runs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmlab.config import Config
+from lmlab.model.build import build_model
+from lmlab.runs.checkpoint import load_weights
+from lmlab.runs.device import autocast, autocast_dtype
+from lmlab.train.distributed.parallelize import (
+    build_strategy_optimizer,
+    gradient_sync,
+    parallelize,
+)
+from lmlab.train.distributed.runtime import Dist
+from lmlab.train.distributed.state import tied_duplicates
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Engine:
+    """The model as the trainer drives it."""
+
+    model: nn.Module
+    """The plain model: evaluation and checkpoints use it (under fsdp its shards)."""
+    step_model: nn.Module
+    """What a training step calls: a DDP wrapper under ddp/zero1, else `model`."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    """Autocast dtype, None for plain fp32."""
+    env: Dist
+    tied: set[str]
+    """Names of tied duplicate parameters, saved once in checkpoints."""
+
+
+def configure_device(cfg: Config, device: torch.device) -> None:
+    """Process-wide settings: CPU threads, TF32 matmuls on CUDA."""
+    if device.type == "cpu" and cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_engine(
+    cfg: Config, env: Dist, device: torch.device, weights_from: Path | None = None
+) -> Engine:
+    """Build, (load weights,) parallelize, then the optimizer over the parameters the
+    strategy left (the sharded ones under fsdp). The seed is the same on every rank, so
+    every replica starts identical."""
+    configure_device(cfg, device)
+    amp_dtype = autocast_dtype(device, cfg.train.precision)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    tied = tied_duplicates(model)
+    if weights_from is not None:
+        load_weights(model, weights_from)
+    step_model = parallelize(model, cfg.train, env, device, amp_dtype)
+    optimizer = build_strategy_optimizer(model, cfg.train, env, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Engine(model, step_model, optimizer, scaler, device, amp_dtype, env, tied)
+
+
+def train_step(
+    engine: Engine, next_batch: Callable[[], Batch], accum: int, lr: float, grad_clip: float
+) -> torch.Tensor:
+    """One optimizer step over `accum` micro-batches; returns the mean loss, on the device
+    (reading it back would wait for the device, so the caller does that only to log)."""
+    e = engine
+    for group in e.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=e.device)
+    for micro_step in range(accum):
+        x, y = _to_device(next_batch(), e.device)
+        with gradient_sync(e.step_model, sync=micro_step == accum - 1):
+            with autocast(e.device, e.amp_dtype):
+                loss = e.step_model(x, y)[1]  # the logits are not kept alive through backward
+            e.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach() / accum
+    if grad_clip > 0:
+        e.scaler.unscale_(e.optimizer)
+        torch.nn.utils.clip_grad_norm_(e.model.parameters(), grad_clip, foreach=True)
+    e.scaler.step(e.optimizer)
+    e.scaler.update()
+    e.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    x, y = batch
+    if device.type == "cuda":  # pinned host memory lets the copy overlap compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+            device, non_blocking=True
+        )
+    return x.to(device), y.to(device)
