@@ -1,0 +1,15 @@
+"""Everything a run leaves on disk and every command reads back.
+
+    folder.py      run folders RUNS_DIR/NAME/RUN_ID, finding and naming runs
+    checkpoint.py  atomic safetensors checkpoints, listing, pruning, safe loading
+    load.py        a model and tokenizer back from a run or checkpoint
+    metrics.py     the metrics log (metrics.jsonl) and its summary
+    status.py      running / finished / interrupted / failed
+    lock.py        one process trains in a run folder at a time
+    catalog.py     summaries of runs for `lmlab runs` (list, show, compare, delete, clean)
+    device.py      devices, precisions, peak FLOP/s
+    provenance.py  the lmlab commit a run or measurement came from
+
+train/, eval/, generate/ (and fine-tuning and export) import this package; it imports
+none of them.
+"""
