@@ -10,9 +10,9 @@ import time
 from collections import Counter
 
 import pytest
-from lmlab.commands.dsl import main as dsl_main
 
 import lmlab.cli
+from lmlab.commands.dsl import main as dsl_main
 from lmlab.data.dsl import (
     DIMMATCH,
     FLOWROLL,

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from lmlab.config import build_config, load_config, merge, parse_override
+from lmlab.config import Config, build_config, load_config, merge, parse_override
+from lmlab.runs.catalog import delete_run
 from lmlab.runs.folder import latest_run
+from lmlab.runs.metrics import read_metrics, summarize
+from lmlab.runs.status import resumable_run, run_status
 
 EPILOG = """examples:
   lmlab train --preset tiny --data data/flowroll
@@ -15,11 +19,14 @@ EPILOG = """examples:
   lmlab train --config my_run.yaml --data data/notes train.lr=3e-4
   lmlab train --resume runs/tiny/20261123-101500
   lmlab train --resume latest train.max_steps=2000
+  lmlab train --preset tiny --data data/flowroll --new     # never offer to resume
   lmlab train --nproc 4 --preset gpt2-124m --data data/web train.strategy=zero1
   torchrun --nproc_per_node=8 -m lmlab train --preset llama-1.36b --data data/web train.strategy=fsdp
 
 Overrides are SECTION.KEY=VALUE for the sections model, data, train, eval, checkpoint and
-logging; `lmlab config show --preset NAME` lists every key with its value. Ctrl-C stops at
+logging; `lmlab config show --preset NAME` lists every key with its value.
+In a terminal, when the newest run of the same name stopped before its end, lmlab offers
+to resume it, start a new run, or delete it and start again. Ctrl-C stops at
 the end of the current step and saves a checkpoint to resume from (with several processes,
 all of them stop after the same step).
 Strategies and multi-node launching: docs/distributed.md."""
@@ -71,25 +78,35 @@ def main(argv: list[str]) -> int:
         metavar="K",
         help="train in K processes on this machine (starts torchrun; one per GPU, or gloo on CPU)",
     )
+    parser.add_argument(
+        "--new",
+        action="store_true",
+        help="start a new run without offering to resume one of the same name",
+    )
     args = parser.parse_args(argv)
+    if args.resume and (args.preset or args.config):
+        parser.error(
+            "--resume continues a run with its saved config; --preset/--config cannot change it"
+        )
+    if not args.resume and not args.new and _interactive():
+        choice = _resume_or_new(build_config(args.preset, args.config, _overrides(args)))
+        if choice == "quit":
+            return 1
+        if choice is not None:  # resume it: the same command line, now with --resume
+            from lmlab.train.distributed.launch import without_options
+
+            argv = [*without_options(argv, PRESET_OPTIONS), "--resume", str(choice)]
+            args = parser.parse_args(argv)
     if args.nproc is not None and args.nproc != 1:  # launch() refuses K < 1
         from lmlab.train.distributed.launch import launch
 
         return launch("train", args.nproc, argv)
 
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.device:
-        overrides.append(f"train.device={args.device}")
+    overrides = _overrides(args)
 
     from lmlab.train.loop import train  # torch is imported only when training
 
     if args.resume:
-        if args.preset or args.config:
-            parser.error(
-                "--resume continues a run with its saved config; --preset/--config cannot change it"
-            )
         if args.resume == "latest":  # under logging.runs_dir when it is given here
             runs_dir = next(
                 (
@@ -114,6 +131,63 @@ def main(argv: list[str]) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
         print(f"run folder: {result.run_dir}")
     return 130 if result.interrupted and args.stop_at_step is None else 0
+
+
+PRESET_OPTIONS = ("--preset", "-p", "--config", "-c")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The dotted overrides, with --data and --device as the overrides they stand for."""
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    return overrides
+
+
+def _interactive() -> bool:
+    """A person at a terminal (never CI, a pipe, or a torchrun worker)."""
+    return sys.stdin.isatty() and sys.stdout.isatty() and "RANK" not in os.environ
+
+
+def _resume_or_new(cfg: Config) -> Path | str | None:
+    """The resume-or-new menu, when a resumable run of the same name exists.
+
+    Returns the run to resume, "quit", or None to start a new run.
+    """
+    name = cfg.logging.name or "run"
+    run = resumable_run(cfg.logging.runs_dir, name)
+    if run is None:
+        return None
+    summary = summarize(read_metrics(run))
+    status, note = run_status(run)
+    planned = load_config(run / "config.yaml").train.max_steps
+    val = summary["last_val_loss"]
+    print(
+        f"A run named {name!r} stopped before its end: {run}\n"
+        f"  {status}{f' ({note})' if note else ''}, step {summary['step']:,}/{planned:,}"
+        + (f", val loss {val:.4f}" if val is not None else "")
+        + "\n  [r] resume it\n  [n] start a new run (keep the old one)"
+        "\n  [d] delete the old run and start again\n  [q] quit",
+        flush=True,
+    )
+    while True:
+        try:
+            answer = input("choice [r/n/d/q] (r): ").strip().lower() or "r"
+        except EOFError:
+            return "quit"
+        if answer in ("r", "resume"):
+            return run
+        if answer in ("n", "new"):
+            return None
+        if answer in ("d", "delete"):
+            delete_run(run)
+            print(f"deleted {run}", flush=True)
+            return None
+        if answer in ("q", "quit"):
+            return "quit"
+        print("please answer r, n, d or q", flush=True)
 
 
 def _log(message: str, end: str = "\n") -> None:

@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from lmlab.config import load_config
+from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_json
+from lmlab.runs.checkpoint import list_checkpoints, read_meta
+from lmlab.runs.folder import CONFIG_NAME, find_runs
 from lmlab.runs.lock import lock_state, read_holder
 
 STATUS_NAME = "status.json"
@@ -60,3 +64,20 @@ def run_status(run_dir: str | Path) -> tuple[RunStatus, str]:
     if status in RUN_STATUSES:
         return status, recorded.get("error") or ""
     return "interrupted", "no status recorded"
+
+
+def resumable_run(runs_dir: str | Path, name: str) -> Path | None:
+    """The newest run called `name`, if it stopped short of its last step, has a checkpoint
+    to continue from and is not running now; else None."""
+    runs = find_runs(runs_dir, name)
+    if not runs:
+        return None
+    newest = max(runs, key=lambda run: run.name)
+    ckpts = list_checkpoints(newest)
+    if not ckpts or run_status(newest)[0] in ("running", "finished"):
+        return None
+    try:
+        planned = load_config(newest / CONFIG_NAME).train.max_steps
+    except UserError:
+        return None
+    return newest if read_meta(ckpts[-1])["step"] < planned else None

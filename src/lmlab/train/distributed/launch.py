@@ -20,17 +20,22 @@ from lmlab.errors import UserError
 from lmlab.train.distributed.runtime import under_torchrun
 
 
-def strip_nproc(argv: list[str]) -> list[str]:
-    """`argv` without `--nproc K` / `--nproc=K`."""
+def without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`argv` without the given options and their values (`--opt V` or `--opt=V`)."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in options:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not any(arg.startswith(f"{option}=") for option in options):
             out.append(arg)
     return out
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """`argv` without `--nproc K` / `--nproc=K`."""
+    return without_options(argv, ("--nproc",))
 
 
 def torchrun_command(nproc: int, lmlab_args: list[str]) -> list[str]:
