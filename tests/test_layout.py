@@ -29,6 +29,8 @@ ORDER = [
     "eval",
     "estimate",
     "train",
+    "finetune",
+    "export",
     "experiments",
     "commands",
     "cli",

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "plan": "Estimate parameters, FLOPs, memory, time, cost and loss before training",
     "train": "Train a model (resumable; CPU, MPS or CUDA)",
     "bench": "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
+    "runs": "List, show, compare, delete and clean up training runs",
     "eval": "Evaluate a checkpoint: val loss, perplexity, bits per byte",
     "generate": "Generate text from a checkpoint, streaming to the terminal",
 }

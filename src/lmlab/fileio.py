@@ -83,6 +83,25 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     _fsync_dir(target.parent)
 
 
+def hide_directory(path: str | Path) -> Path:
+    """Rename a directory to a hidden temporary folder beside it and return its new path.
+
+    The new path is `.NAME.XXXX.old/NAME` in the same folder (like `atomic_directory`'s
+    leftovers), so nothing that lists folders by name sees it any more.
+    """
+    path = Path(path)
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, trash / path.name)
+    _fsync_dir(path.parent)
+    return trash / path.name
+
+
+def remove_directory(path: str | Path) -> None:
+    """Delete a directory so that it is never seen half-deleted under its own name: hidden
+    first (`hide_directory`), then removed; a crash in between leaves only the hidden folder."""
+    shutil.rmtree(hide_directory(path).parent)
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     import hashlib

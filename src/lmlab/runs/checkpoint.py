@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from torch import nn
 from lmlab import __version__
 from lmlab.config import Config, load_config, save_config
 from lmlab.errors import UserError
-from lmlab.fileio import atomic_directory, atomic_write_json
+from lmlab.fileio import atomic_directory, atomic_write_json, remove_directory
 
 CHECKPOINT_VERSION = 1
 PREFIX = "step_"
@@ -91,8 +90,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_best: bool) -> N
         if scored:
             keep.add(min(scored, key=lambda t: t[0])[1])
     for ckpt in ckpts:
-        if ckpt not in keep:
-            shutil.rmtree(ckpt, ignore_errors=True)
+        if ckpt not in keep:  # hidden first: a half-deleted checkpoint never looks complete
+            remove_directory(ckpt)
 
 
 def load_state(ckpt: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
