@@ -40,6 +40,12 @@ Precision = Literal["auto", TrainingDType]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+FinetuneMethod = Literal["full", "lora", "qlora"]
+FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
+Objective = Literal["sft", "dpo"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+OnOverflow = Literal["truncate", "error"]
+ON_OVERFLOW: tuple[str, ...] = get_args(OnOverflow)
 
 
 @dataclass
@@ -126,12 +132,48 @@ class LoggingConfig:
     """Write TensorBoard events when the tensorboard package is installed."""
 
 
+@dataclass
+class FinetuneConfig:
+    """Set by `lmlab finetune`; a run with an empty `base` is trained from scratch."""
+
+    base: str = ""
+    """The model fine-tuned: an lmlab run or checkpoint folder, or a Hugging Face folder or name."""
+    base_sha256: str = ""
+    """SHA-256 of the base weights: a resume or a merge against other weights is refused."""
+    method: FinetuneMethod = "full"
+    """full: every weight trains; lora: low-rank adapters on a frozen base; qlora: adapters
+    on a base held in 4-bit NF4."""
+    objective: Objective = "sft"
+    """sft: next-token loss on completions; dpo: preference pairs against the starting model."""
+    data: str = ""
+    """JSONL of prompt/completion, messages or text records (pairs for dpo), or dsl:NAME[:N]."""
+    val_data: str = ""
+    """Validation JSONL (empty -> a seeded val_fraction of `data`, or the language's val split)."""
+    val_fraction: float = 0.05
+    """Share of `data` held out for validation when there is no val_data."""
+    skip_bad: bool = False
+    """Skip (and count) malformed records instead of stopping at the first."""
+    on_overflow: OnOverflow = "truncate"
+    """Examples longer than the sequence: truncate them (and count), or stop with an error."""
+    lora_rank: int = 8
+    """Rank of the LoRA matrices."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the update is B @ A * alpha / rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of the LoRA path."""
+    lora_targets: str = ""
+    """Comma-separated module names to adapt (empty -> every attention and MLP projection)."""
+    dpo_beta: float = 0.1
+    """DPO temperature: how far the policy may move from the reference."""
+
+
 SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "finetune": FinetuneConfig,
 }
 
 
@@ -145,6 +187,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def seq_len(self) -> int:

@@ -256,7 +256,7 @@ def delete_run(run_dir: str | Path, keep_best: bool = False) -> int:
     run = Path(run_dir)
     if not is_run_dir(run):
         raise UserError(f"{run} is not a run folder (it has no {CONFIG_NAME})")
-    freed = 0
+    freed = 0 if keep_best else disk_bytes(run)  # as listed: before our lock file exists
     with _locked_for_deletion(run) as lock:
         if keep_best:
             for ckpt in deletion_targets(run, keep_best=True):
@@ -264,7 +264,6 @@ def delete_run(run_dir: str | Path, keep_best: bool = False) -> int:
                 _remove(remove_directory, ckpt)
                 freed += size
             return freed
-        freed = disk_bytes(run)
         hidden = _remove(hide_directory, run)
         # The lock file moved with the folder: releasing must not unlink a lock that a new
         # run folder of the same name might already have at the old path.

@@ -28,7 +28,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,21 +43,19 @@ from lmlab.config import (
     load_config,
     save_config,
 )
-from lmlab.data.loader import TokenLoader
-from lmlab.data.shards import load_manifest, open_split
-from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
+from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import UserError
-from lmlab.eval.metrics import bytes_per_token, evaluate_loss
 from lmlab.runs import checkpoint as ckpt_io
-from lmlab.runs.device import autocast, peak_flops, precision_name, synchronize
+from lmlab.runs.device import peak_flops, precision_name, synchronize
 from lmlab.runs.folder import new_run_dir
 from lmlab.runs.lock import RunLock
 from lmlab.runs.metrics import MetricsLog
 from lmlab.runs.status import RunStatus, write_status
 from lmlab.train.distributed import runtime
-from lmlab.train.distributed.state import full_optimizer_state, full_weights, load_optimizer_state
+from lmlab.train.distributed.state import full_optimizer_state, load_optimizer_state
 from lmlab.train.schedule import lr_at
-from lmlab.train.setup import build_engine, train_step
+from lmlab.train.setup import build_engine
+from lmlab.train.task import PretrainTask, Task
 
 # Settings a resumed run may change; anything else must match the saved config.
 RESUMABLE_CHANGES = {
@@ -156,8 +154,10 @@ class Trainer:
         resume: str | Path | None,
         log=print,
         live: bool = False,
+        task_factory: Callable[[Config], Task] = PretrainTask,
     ):
         self.wall_start = time.perf_counter()
+        self.task_factory = task_factory
         self.env, self.device, self.log, self.live = env, device, log, live
         self.lock: RunLock | None = None
         self.metrics: MetricsLog | None = None
@@ -180,12 +180,13 @@ class Trainer:
             saved = load_config(self.run_dir / "config.yaml")
             cfg.model.vocab_size = saved.model.vocab_size  # set from the data at the start
             _check_resume_compatible(saved, cfg)
-        manifest, self.tokenizer = _data_and_vocab(cfg)
+        self.task = task = self.task_factory(cfg)
+        self.tokenizer = task.tokenizer
         if last is not None:
-            _check_same_tokenizer(last, self.tokenizer, cfg.data.path)
+            _check_same_tokenizer(last, self.tokenizer)
         cfg.validate()
         self.cfg, t = cfg, cfg.train
-        self.engine = build_engine(cfg, env, device, weights_from=last)
+        self.engine = build_engine(cfg, env, device, lambda: task.build_model(cfg, last))
         self.num_params = self.engine.model.num_params()
         self.flops_per_token = self.engine.model.flops_per_token(cfg.seq_len)
         micro, world = t.micro_batch_size, env.world_size
@@ -195,17 +196,7 @@ class Trainer:
             else 1
         )
         self.tokens_per_step = micro * cfg.seq_len * self.accum * world
-        # Each micro-step deals `micro * world` windows out: rank r reads its own slice.
-        self.loader = TokenLoader(
-            open_split(cfg.data.path, "train"),
-            micro,
-            cfg.seq_len,
-            seed=t.seed,
-            rank=env.rank,
-            world_size=world,
-        )
-        self.val_split = open_split(cfg.data.path, "val")
-        self.bytes_per_token = bytes_per_token(manifest)
+        self.loader = task.train_loader(cfg, env)
         self.state = TrainState()
         if last is not None:
             self.resume_from(last)
@@ -249,6 +240,7 @@ class Trainer:
             pid=os.getpid(),
             host=socket.gethostname(),
             world_size=self.env.world_size,
+            command=self.task.command,
             step=self.state.step,
             max_steps=self.cfg.train.max_steps,
             error=None,
@@ -299,9 +291,7 @@ class Trainer:
         with _StopFlag(repeat_stops_at_once=not self.env.enabled) as stop:
             while state.step < t.max_steps:
                 lr = lr_at(state.step, t)
-                meter.add(
-                    train_step(self.engine, self.loader.next_batch, self.accum, lr, t.grad_clip)
-                )
+                meter.add(self.task.step(self.engine, self.loader, self.accum, lr, t.grad_clip))
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 final = state.step == t.max_steps
@@ -332,7 +322,7 @@ class Trainer:
         self._end_line()
         self.log(
             f"stopped at step {self.state.step}; checkpoint saved. "
-            f"Continue with: lmlab train --resume {self.run_dir}"
+            f"Continue with: lmlab {self.task.command} --resume {self.run_dir}"
         )
         self.result.interrupted = True
 
@@ -402,22 +392,10 @@ class Trainer:
     # -- evaluate -------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float] | None:
-        """Validation loss on the first eval.batches batches. Every rank evaluates the same
-        batches (fsdp needs all ranks in each forward), so the number is the same at any
-        world size."""
-        cfg, e = self.cfg, self.engine
-        if self.val_split.num_tokens <= cfg.seq_len:
+        """The task's validation metrics (None when it has no validation data)."""
+        metrics = self.task.evaluate(self.engine, self.cfg)
+        if metrics is None:
             return None
-        metrics = evaluate_loss(
-            e.model,
-            self.val_split,
-            batch_size=cfg.train.micro_batch_size,
-            seq_len=cfg.seq_len,
-            max_batches=cfg.eval.batches,
-            device=self.device,
-            bytes_per_token=self.bytes_per_token,
-            autocast=autocast(self.device, e.amp_dtype),
-        )
         self.record({"step": self.state.step, **metrics})
         if self.state.best_val_loss is None or metrics["val_loss"] < self.state.best_val_loss:
             self.state.best_val_loss = metrics["val_loss"]
@@ -435,7 +413,7 @@ class Trainer:
     def save(self, val_loss: float | None) -> None:
         """Gather the full state (a collective under fsdp and zero1), rank 0 writes it."""
         e, cfg = self.engine, self.cfg
-        weights = full_weights(e.model, e.tied)
+        weights = self.task.checkpoint_weights(e)
         optimizer_state = full_optimizer_state(e.model, e.optimizer, self.env)
         if self.env.is_main:
             state = {
@@ -545,26 +523,9 @@ def _check_resume_compatible(saved: Config, new: Config) -> None:
                 )
 
 
-def _check_same_tokenizer(ckpt: Path, tokenizer: TextTokenizer, data_path: str) -> None:
+def _check_same_tokenizer(ckpt: Path, tokenizer: TextTokenizer) -> None:
     if (ckpt / "tokenizer.json").read_text(encoding="utf-8") != tokenizer.to_json():
-        raise UserError(f"cannot resume: {data_path} uses a different tokenizer than the run")
-
-
-def _data_and_vocab(cfg: Config) -> tuple[dict[str, Any], TextTokenizer]:
-    if not cfg.data.path:
-        raise UserError("no training data: pass --data DATA_DIR (made by `lmlab prepare`)")
-    manifest = load_manifest(cfg.data.path)
-    tokenizer = load_tokenizer(Path(cfg.data.path) / manifest["tokenizer"]["file"])
-    if manifest["splits"]["train"]["tokens"] == 0:
-        raise UserError(f"{cfg.data.path}: the train split is empty")
-    if cfg.data.vocab_from_data:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(
-            f"{cfg.data.path} uses a vocabulary of {tokenizer.vocab_size:,} tokens, larger than the "
-            f"model's vocab_size {cfg.model.vocab_size:,}: set data.vocab_from_data=true or a larger model.vocab_size"
-        )
-    return manifest, tokenizer
+        raise UserError("cannot resume: the data now uses a different tokenizer than the run")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -13,14 +13,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmlab.config import Config
 from lmlab.model.build import build_model
-from lmlab.runs.checkpoint import load_weights
 from lmlab.runs.device import autocast, autocast_dtype
 from lmlab.train.distributed.parallelize import (
     build_strategy_optimizer,
@@ -61,19 +59,21 @@ def configure_device(cfg: Config, device: torch.device) -> None:
 
 
 def build_engine(
-    cfg: Config, env: Dist, device: torch.device, weights_from: Path | None = None
+    cfg: Config,
+    env: Dist,
+    device: torch.device,
+    make_model: Callable[[], nn.Module] | None = None,
 ) -> Engine:
-    """Build, (load weights,) parallelize, then the optimizer over the parameters the
-    strategy left (the sharded ones under fsdp). The seed is the same on every rank, so
-    every replica starts identical."""
+    """Build the model (`make_model`: initial or checkpoint weights; default a freshly
+    initialised `cfg.model`), parallelize it, then the optimizer over the trainable
+    parameters the strategy left (the sharded ones under fsdp). The seed is the same on
+    every rank, so every replica starts identical."""
     configure_device(cfg, device)
     amp_dtype = autocast_dtype(device, cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+    model = (make_model() if make_model else build_model(cfg.model)).to(device)
     tied = tied_duplicates(model)
-    if weights_from is not None:
-        load_weights(model, weights_from)
     step_model = parallelize(model, cfg.train, env, device, amp_dtype)
     optimizer = build_strategy_optimizer(model, cfg.train, env, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

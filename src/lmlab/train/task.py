@@ -1,0 +1,129 @@
+"""What is trained, as the loop sees it: data, model, loss, evaluation, saved weights.
+
+The loop (train/loop.py) is the same for every kind of training; a task supplies the
+parts that differ. `PretrainTask` is next-token prediction on token shards written by
+`lmlab prepare`, from freshly initialised weights. Fine-tuning (lmlab.finetune) brings its
+own task: a base model, prompt/completion data with loss masks, LoRA, DPO.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lmlab.config import Config
+from lmlab.data.loader import TokenLoader
+from lmlab.data.shards import load_manifest, open_split
+from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
+from lmlab.errors import UserError
+from lmlab.eval.metrics import bytes_per_token, evaluate_loss
+from lmlab.model.build import build_model
+from lmlab.runs.checkpoint import load_weights
+from lmlab.runs.device import autocast
+from lmlab.train.distributed.runtime import Dist
+from lmlab.train.distributed.state import full_weights
+from lmlab.train.setup import Engine, train_step
+
+
+class Loader(Protocol):
+    """A resumable source of training batches."""
+
+    def next_batch(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(Protocol):
+    """The parts of training that differ between pretraining and fine-tuning."""
+
+    command: str
+    """The lmlab command that resumes such a run (`train`, `finetune`)."""
+    tokenizer: TextTokenizer
+
+    def build_model(self, cfg: Config, checkpoint: Path | None) -> nn.Module:
+        """The model to train, with its weights: initial ones, or the checkpoint's."""
+        ...
+
+    def train_loader(self, cfg: Config, env: Dist) -> Loader: ...
+
+    def step(
+        self, engine: Engine, loader: Loader, accum: int, lr: float, grad_clip: float
+    ) -> torch.Tensor:
+        """One optimizer step; the mean loss on the device."""
+        ...
+
+    def evaluate(self, engine: Engine, cfg: Config) -> dict[str, float] | None: ...
+
+    def checkpoint_weights(self, engine: Engine) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the model (collective under fsdp/zero1)."""
+        ...
+
+
+class PretrainTask:
+    """Next-token prediction on every token of the prepared shards."""
+
+    command = "train"
+
+    def __init__(self, cfg: Config):
+        """Read the data's manifest and tokenizer; take the vocabulary from the data (or
+        check that it fits the model's)."""
+        if not cfg.data.path:
+            raise UserError("no training data: pass --data DATA_DIR (made by `lmlab prepare`)")
+        self.manifest = load_manifest(cfg.data.path)
+        self.tokenizer = load_tokenizer(Path(cfg.data.path) / self.manifest["tokenizer"]["file"])
+        if self.manifest["splits"]["train"]["tokens"] == 0:
+            raise UserError(f"{cfg.data.path}: the train split is empty")
+        vocab = self.tokenizer.vocab_size
+        if cfg.data.vocab_from_data:
+            cfg.model.vocab_size = vocab
+        elif vocab > cfg.model.vocab_size:
+            raise UserError(
+                f"{cfg.data.path} uses a vocabulary of {vocab:,} tokens, larger than the model's "
+                f"vocab_size {cfg.model.vocab_size:,}: set data.vocab_from_data=true or a larger model.vocab_size"
+            )
+        self.val_split = open_split(cfg.data.path, "val")
+
+    def build_model(self, cfg: Config, checkpoint: Path | None) -> nn.Module:
+        model = build_model(cfg.model)
+        if checkpoint is not None:
+            load_weights(model, checkpoint)
+        return model
+
+    def train_loader(self, cfg: Config, env: Dist) -> TokenLoader:
+        # Each micro-step deals `micro * world` windows out: rank r reads its own slice.
+        return TokenLoader(
+            open_split(cfg.data.path, "train"),
+            cfg.train.micro_batch_size,
+            cfg.seq_len,
+            seed=cfg.train.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+
+    def step(
+        self, engine: Engine, loader: Loader, accum: int, lr: float, grad_clip: float
+    ) -> torch.Tensor:
+        return train_step(engine, loader.next_batch, accum, lr, grad_clip)
+
+    def evaluate(self, engine: Engine, cfg: Config) -> dict[str, float] | None:
+        """Validation loss on the first eval.batches batches. Every rank evaluates the same
+        batches (fsdp needs all ranks in each forward), so the number is the same at any
+        world size."""
+        if self.val_split.num_tokens <= cfg.seq_len:
+            return None
+        return evaluate_loss(
+            engine.model,
+            self.val_split,
+            batch_size=cfg.train.micro_batch_size,
+            seq_len=cfg.seq_len,
+            max_batches=cfg.eval.batches,
+            device=engine.device,
+            bytes_per_token=bytes_per_token(self.manifest),
+            autocast=autocast(engine.device, engine.amp_dtype),
+        )
+
+    def checkpoint_weights(self, engine: Engine) -> dict[str, torch.Tensor]:
+        return full_weights(engine.model, engine.tied)
