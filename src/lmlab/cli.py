@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "config": "Show presets and resolved configurations",
     "plan": "Estimate parameters, FLOPs, memory, time, cost and loss before training",
     "train": "Train a model (resumable; CPU, MPS or CUDA)",
+    "finetune": "Fine-tune a model on your data: full, LoRA or DPO (lmlab runs or HF models)",
     "bench": "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
     "runs": "List, show, compare, delete and clean up training runs",
     "eval": "Evaluate a checkpoint: val loss, perplexity, bits per byte",

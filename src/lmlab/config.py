@@ -165,6 +165,8 @@ class FinetuneConfig:
     """Comma-separated module names to adapt (empty -> every attention and MLP projection)."""
     dpo_beta: float = 0.1
     """DPO temperature: how far the policy may move from the reference."""
+    epochs: float = 0.0
+    """Passes over the training examples; sets train.max_steps when > 0."""
 
 
 SECTIONS = {

@@ -68,9 +68,44 @@ RECIPES: dict[str, dict[str, Any]] = {
         "checkpoint": {"interval": 0},
         "logging": {"interval": 50},
     },
+    # Fine-tuning recipes: no model section (the base model brings its own), the training
+    # settings that suit each method. Small batches, a short warmup, a few epochs.
+    "finetune-full": {
+        "train": {"lr": 5e-5, "warmup_steps": 10, "micro_batch_size": 8, "weight_decay": 0.0},
+        "eval": {"interval": 50, "batches": 10},
+        "checkpoint": {"interval": 200},
+        "finetune": {"method": "full", "objective": "sft", "epochs": 3.0},
+    },
+    "finetune-lora": {
+        "train": {"lr": 1e-3, "warmup_steps": 10, "micro_batch_size": 8, "weight_decay": 0.0},
+        "eval": {"interval": 50, "batches": 10},
+        "checkpoint": {"interval": 200},
+        "finetune": {"method": "lora", "objective": "sft", "epochs": 3.0, "lora_rank": 8},
+    },
+    "finetune-dpo": {
+        "train": {"lr": 1e-5, "warmup_steps": 5, "micro_batch_size": 8, "weight_decay": 0.0},
+        "eval": {"interval": 25, "batches": 10},
+        "checkpoint": {"interval": 200},
+        "finetune": {"method": "full", "objective": "dpo", "epochs": 1.0, "dpo_beta": 0.1},
+    },
+    "finetune-dpo-lora": {
+        "train": {"lr": 5e-4, "warmup_steps": 5, "micro_batch_size": 8, "weight_decay": 0.0},
+        "eval": {"interval": 25, "batches": 10},
+        "checkpoint": {"interval": 200},
+        "finetune": {"method": "lora", "objective": "dpo", "epochs": 1.0, "dpo_beta": 0.1},
+    },
 }
 RECIPE_DESCRIPTIONS = {
     "quickstart": "tiny LLaMA for the FLOWROLL quickstart (CPU, a few minutes)",
     "shakespeare-char-reference": "the classic CPU demo: GPT 4x128, context 64, batch 12, 2000 steps",
     "shakespeare-char-fast": "lmlab's faster recipe for the same data: LLaMA 4x128, 1100 steps at lr 3e-3",
+    "finetune-full": "lmlab finetune --method full: every weight, lr 5e-5, 3 epochs",
+    "finetune-lora": "lmlab finetune --method lora: rank-8 adapters on a frozen base, lr 1e-3, 3 epochs",
+    "finetune-dpo": "lmlab finetune --method dpo: preference pairs, full weights, beta 0.1, lr 1e-5, 1 epoch",
+    "finetune-dpo-lora": "lmlab finetune --method dpo-lora: preference pairs on LoRA adapters, lr 5e-4, 1 epoch",
 }
+
+
+def is_finetune_recipe(name: str) -> bool:
+    """A recipe for `lmlab finetune` (it has no model: the base model brings its own)."""
+    return name in RECIPES and "finetune" in RECIPES[name]

@@ -7,7 +7,7 @@ import argparse
 from lmlab.config import build_config, to_yaml
 from lmlab.model.build import flops_per_token, param_count
 from lmlab.model.presets import MODEL_PRESETS
-from lmlab.recipes import RECIPE_DESCRIPTIONS, RECIPES
+from lmlab.recipes import RECIPE_DESCRIPTIONS, RECIPES, is_finetune_recipe
 
 
 def preset_table() -> str:
@@ -15,7 +15,7 @@ def preset_table() -> str:
     rows = [
         ("preset", "family", "layers x width", "heads", "context", "vocab", "params", "FLOPs/token")
     ]
-    for name in [*RECIPES, *MODEL_PRESETS]:
+    for name in [*(r for r in RECIPES if not is_finetune_recipe(r)), *MODEL_PRESETS]:
         m = build_config(name).model
         rows.append(
             (

@@ -195,9 +195,13 @@ def config_differences(configs: list[Config]) -> dict[str, list]:
 def resume_command(run_dir: str | Path) -> str:
     """The command line that continues the run (with --nproc when it trained in several
     processes)."""
-    world_size = read_recorded(run_dir).get("world_size")
+    recorded = read_recorded(run_dir)
+    world_size = recorded.get("world_size")
     nproc = f" --nproc {world_size}" if isinstance(world_size, int) and world_size > 1 else ""
-    return f"lmlab train{nproc} --resume {shlex.quote(str(run_dir))}"
+    command = (
+        recorded.get("command") if recorded.get("command") in ("train", "finetune") else "train"
+    )
+    return f"lmlab {command}{nproc} --resume {shlex.quote(str(run_dir))}"
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:

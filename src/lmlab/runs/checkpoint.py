@@ -1,7 +1,9 @@
 """Checkpoints: a folder per save, written atomically, loadable without unpickling code.
 
     RUN_DIR/checkpoints/step_00001000/
-        model.safetensors      weights (safetensors: plain tensors, nothing executable)
+        model.safetensors      weights (safetensors: plain tensors, nothing executable); a
+                               LoRA fine-tune saves adapter.safetensors (the adapters alone)
+                               instead, and its config names the base model
         state.pt               optimizer, train state, data cursor, RNG states; read with
                                torch.load(weights_only=True), which refuses arbitrary objects
         config.yaml            the run's resolved config
@@ -32,6 +34,8 @@ from lmlab.fileio import atomic_directory, atomic_write_json, remove_directory
 
 CHECKPOINT_VERSION = 1
 PREFIX = "step_"
+WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -62,6 +66,8 @@ def save_checkpoint(
     tokenizer_json: str,
     state: dict[str, Any],
     meta: dict[str, Any],
+    weights_file: str = WEIGHTS_FILE,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write one checkpoint atomically and return its folder.
 
@@ -70,10 +76,12 @@ def save_checkpoint(
     """
     target = checkpoint_dir(run_dir, meta["step"])
     with atomic_directory(target, overwrite=True) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / weights_file), metadata={"format": "pt"})
         torch.save(state, tmp / "state.pt")
         save_config(cfg, tmp / "config.yaml")
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         atomic_write_json(
             tmp / "meta.json", {"version": CHECKPOINT_VERSION, "lmlab": __version__, **meta}
         )
@@ -112,7 +120,7 @@ def load_state(ckpt: str | Path, map_location: str | torch.device = "cpu") -> di
 
 def load_weights(model: nn.Module, ckpt: str | Path) -> None:
     """Load safetensors weights into `model` (strict: every tensor must match)."""
-    path = Path(ckpt) / "model.safetensors"
+    path = Path(ckpt) / WEIGHTS_FILE
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as e:  # safetensors raises plain errors for bad headers
@@ -135,7 +143,9 @@ def resolve_checkpoint(spec: str | Path) -> ResolvedCheckpoint:
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{path} does not exist: pass a run folder or a checkpoint folder")
-    if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "meta.json").is_file() and (
+        (path / WEIGHTS_FILE).is_file() or (path / ADAPTER_FILE).is_file()
+    ):
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         return ResolvedCheckpoint(path, run_dir, load_config(path / "config.yaml"))
     ckpts = list_checkpoints(path)
@@ -144,3 +154,17 @@ def resolve_checkpoint(spec: str | Path) -> ResolvedCheckpoint:
             f"{path} has no checkpoints (expected a run folder with checkpoints/ or a checkpoint folder)"
         )
     return ResolvedCheckpoint(ckpts[-1], path, load_config(ckpts[-1] / "config.yaml"))
+
+
+def load_adapter(model: nn.Module, ckpt: str | Path) -> None:
+    """Load a LoRA checkpoint's adapter.safetensors into a model that has its adapters."""
+    from safetensors.torch import load_file
+
+    from lmlab.model.lora import load_lora_state_dict
+
+    path = Path(ckpt) / ADAPTER_FILE
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises plain errors for bad headers
+        raise UserError(f"{path} could not be loaded: {str(e).splitlines()[0][:200]}") from None
+    load_lora_state_dict(model, tensors)

@@ -28,7 +28,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from lmlab.config import (
 )
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import UserError
+from lmlab.fileio import atomic_write_text
 from lmlab.runs import checkpoint as ckpt_io
 from lmlab.runs.device import peak_flops, precision_name, synchronize
 from lmlab.runs.folder import new_run_dir
@@ -55,7 +56,7 @@ from lmlab.train.distributed import runtime
 from lmlab.train.distributed.state import full_optimizer_state, load_optimizer_state
 from lmlab.train.schedule import lr_at
 from lmlab.train.setup import build_engine
-from lmlab.train.task import PretrainTask, Task
+from lmlab.train.task import PretrainTask, TaskFactory
 
 # Settings a resumed run may change; anything else must match the saved config.
 RESUMABLE_CHANGES = {
@@ -66,6 +67,7 @@ RESUMABLE_CHANGES = {
     ("train", "strategy"),
     ("train", "activation_checkpointing"),
     ("data", "path"),
+    ("finetune", "base"),  # the base may move; its weights' SHA-256 must not change
     *(("eval", f.name) for f in dataclasses.fields(EvalConfig)),
     *(("checkpoint", f.name) for f in dataclasses.fields(CheckpointConfig)),
     *(("logging", f.name) for f in dataclasses.fields(LoggingConfig)),
@@ -108,6 +110,7 @@ def train(
     stop_at_step: int | None = None,
     log=print,
     live: bool = False,
+    task_factory: TaskFactory = PretrainTask,
 ) -> TrainResult:
     """Train per `cfg`, or continue the run folder `resume`. Returns where it wrote.
 
@@ -117,7 +120,8 @@ def train(
     """
     env, device = runtime.init(cfg.train.device)
     try:
-        trainer = Trainer(cfg, env, device, resume, log if env.is_main else _quiet, live)
+        log = log if env.is_main else _quiet
+        trainer = Trainer(cfg, env, device, resume, log, live, task_factory)
         try:
             result = trainer.fit(stop_at_step)
         except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
@@ -154,7 +158,7 @@ class Trainer:
         resume: str | Path | None,
         log=print,
         live: bool = False,
-        task_factory: Callable[[Config], Task] = PretrainTask,
+        task_factory: TaskFactory = PretrainTask,
     ):
         self.wall_start = time.perf_counter()
         self.task_factory = task_factory
@@ -180,7 +184,7 @@ class Trainer:
             saved = load_config(self.run_dir / "config.yaml")
             cfg.model.vocab_size = saved.model.vocab_size  # set from the data at the start
             _check_resume_compatible(saved, cfg)
-        self.task = task = self.task_factory(cfg)
+        self.task = task = self.task_factory(cfg, env)
         self.tokenizer = task.tokenizer
         if last is not None:
             _check_same_tokenizer(last, self.tokenizer)
@@ -232,6 +236,8 @@ class Trainer:
             return
         save_config(self.cfg, self.run_dir / "config.yaml")
         (self.run_dir / "tokenizer.json").write_text(self.tokenizer.to_json(), encoding="utf-8")
+        for name, text in self.task.run_files().items():
+            atomic_write_text(self.run_dir / name, text)
         if os.environ.get("LMLAB_RUN_DIR_FILE"):  # tells `--nproc`'s launcher where we write
             Path(os.environ["LMLAB_RUN_DIR_FILE"]).write_text(str(self.run_dir), encoding="utf-8")
         write_status(
@@ -368,6 +374,7 @@ class Trainer:
                 "tokens_per_s": tokens_per_s,
                 "step_time_s": step_time_s,
                 "mfu": mfu,
+                **self.task.progress_metrics(),
             }
         )
         eta_s = (t.max_steps - self.state.step) * step_time_s
@@ -401,10 +408,10 @@ class Trainer:
             self.state.best_val_loss = metrics["val_loss"]
         self.last_eval = metrics
         self._end_line()
+        bpb = metrics.get("val_bits_per_byte")
         self.log(
             f"step {self.state.step}: val loss {metrics['val_loss']:.4f} | "
-            f"ppl {metrics['val_perplexity']:.2f} | "
-            f"bpb {metrics.get('val_bits_per_byte', float('nan')):.3f}"
+            f"ppl {metrics['val_perplexity']:.2f}" + (f" | bpb {bpb:.3f}" if bpb is not None else "")
         )
         return metrics
 
@@ -434,7 +441,14 @@ class Trainer:
                 "val_loss": val_loss,
             }
             ckpt_io.save_checkpoint(
-                self.run_dir, weights, cfg, self.tokenizer.to_json(), state, meta
+                self.run_dir,
+                weights,
+                cfg,
+                self.tokenizer.to_json(),
+                state,
+                meta,
+                weights_file=self.task.weights_file,
+                extra_files=self.task.run_files(),
             )
             ckpt_io.prune_checkpoints(
                 self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best

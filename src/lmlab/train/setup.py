@@ -28,7 +28,7 @@ from lmlab.train.distributed.parallelize import (
 from lmlab.train.distributed.runtime import Dist
 from lmlab.train.distributed.state import tied_duplicates
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (x, y), or more tensors for DPO's pairs
 
 
 @dataclass
@@ -81,19 +81,28 @@ def build_engine(
 
 
 def train_step(
-    engine: Engine, next_batch: Callable[[], Batch], accum: int, lr: float, grad_clip: float
+    engine: Engine,
+    next_batch: Callable[[], Batch],
+    accum: int,
+    lr: float,
+    grad_clip: float,
+    loss_fn: Callable[[Batch], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the mean loss, on the device
-    (reading it back would wait for the device, so the caller does that only to log)."""
+    (reading it back would wait for the device, so the caller does that only to log).
+
+    The loss of a batch (x, y) is the model's next-token loss over targets that are not
+    -100, unless `loss_fn(batch)` says otherwise (DPO)."""
     e = engine
     for group in e.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=e.device)
     for micro_step in range(accum):
-        x, y = _to_device(next_batch(), e.device)
+        batch = _to_device(next_batch(), e.device)
         with gradient_sync(e.step_model, sync=micro_step == accum - 1):
             with autocast(e.device, e.amp_dtype):
-                loss = e.step_model(x, y)[1]  # the logits are not kept alive through backward
+                # The logits are not kept alive through backward.
+                loss = loss_fn(batch) if loss_fn else e.step_model(*batch)[1]
             e.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach() / accum
     if grad_clip > 0:
@@ -106,9 +115,6 @@ def train_step(
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    x, y = batch
     if device.type == "cuda":  # pinned host memory lets the copy overlap compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
-            device, non_blocking=True
-        )
-    return x.to(device), y.to(device)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)

@@ -8,6 +8,7 @@ own task: a base model, prompt/completion data with loss masks, LoRA, DPO.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.eval.metrics import bytes_per_token, evaluate_loss
 from lmlab.model.build import build_model
-from lmlab.runs.checkpoint import load_weights
+from lmlab.runs.checkpoint import WEIGHTS_FILE, load_weights
 from lmlab.runs.device import autocast
 from lmlab.train.distributed.runtime import Dist
 from lmlab.train.distributed.state import full_weights
@@ -42,6 +43,8 @@ class Task(Protocol):
     command: str
     """The lmlab command that resumes such a run (`train`, `finetune`)."""
     tokenizer: TextTokenizer
+    weights_file: str
+    """The file a checkpoint keeps `checkpoint_weights` in."""
 
     def build_model(self, cfg: Config, checkpoint: Path | None) -> nn.Module:
         """The model to train, with its weights: initial ones, or the checkpoint's."""
@@ -57,17 +60,30 @@ class Task(Protocol):
 
     def evaluate(self, engine: Engine, cfg: Config) -> dict[str, float] | None: ...
 
+    def run_files(self) -> dict[str, str]:
+        """Text files kept with the run and each checkpoint (name -> content)."""
+        ...
+
+    def progress_metrics(self) -> dict[str, float]:
+        """Task-specific numbers for the next log line (averaged since the last one)."""
+        ...
+
     def checkpoint_weights(self, engine: Engine) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of the model (collective under fsdp/zero1)."""
         ...
+
+
+TaskFactory = Callable[[Config, Dist], Task]
+"""Makes the task of a run from its config (which it may complete, e.g. the vocabulary)."""
 
 
 class PretrainTask:
     """Next-token prediction on every token of the prepared shards."""
 
     command = "train"
+    weights_file = WEIGHTS_FILE
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, env: Dist | None = None):
         """Read the data's manifest and tokenizer; take the vocabulary from the data (or
         check that it fits the model's)."""
         if not cfg.data.path:
@@ -124,6 +140,12 @@ class PretrainTask:
             bytes_per_token=bytes_per_token(self.manifest),
             autocast=autocast(engine.device, engine.amp_dtype),
         )
+
+    def run_files(self) -> dict[str, str]:
+        return {}
+
+    def progress_metrics(self) -> dict[str, float]:
+        return {}
 
     def checkpoint_weights(self, engine: Engine) -> dict[str, torch.Tensor]:
         return full_weights(engine.model, engine.tied)
