@@ -8,6 +8,7 @@ NESTED = {
     "tokenizer": ["train"],
     "data": ["inspect", "verify"],
     "config": ["show"],
+    "lora": ["export", "merge"],
     "runs": ["list", "show", "compare", "delete", "clean"],
 }
 

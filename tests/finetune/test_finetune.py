@@ -297,3 +297,24 @@ def _with_base(run: Path, base: Path) -> Path:
         copy / "config.yaml",
     )
     return copy
+
+
+def test_merge_equals_base_plus_adapter(base_run, sft_file, tmp_path, capsys):
+    cfg = finetune_config(base_run, sft_file, tmp_path / "runs", "lora", "train.lr=1e-2")
+    run = finetune(cfg, log=quiet).run_dir
+    out = tmp_path / "merged"
+    assert cli_main_rc(["lora", "merge", str(run), "--out", str(out)]) == 0
+    lora_model, tok, _, _ = build_from_checkpoint(run)
+    merged, tok2, merged_cfg, _ = build_from_checkpoint(out)
+    assert merged_cfg.finetune.method == "full" and tok.to_json() == tok2.to_json()
+    ids = torch.randint(
+        0, merged_cfg.model.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        diff = (lora_model(ids)[0] - merged(ids)[0]).abs().max().item()
+    assert diff < 1e-5, diff
+    # A merged model is a full model: it can be fine-tuned again; a LoRA run cannot be a base.
+    assert cli_main_rc(["lora", "merge", str(run), "--out", str(out)]) == 2  # exists
+    assert cli_main_rc(["lora", "merge", str(out), "--out", str(tmp_path / "again")]) == 2
+    with pytest.raises(UserError, match="lora merge"):
+        finetune(finetune_config(run, sft_file, tmp_path / "runs2", "lora"), log=quiet)
