@@ -16,6 +16,7 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  lmlab bench --preset tiny --steps 10\n"
         "  lmlab bench --preset gpt2-124m --seq-len 1024 --micro-batch 16 --compile\n"
+        "  lmlab bench --preset small --method lora finetune.lora_rank=16\n"
         "  lmlab bench --preset llama-1.36b --nproc 2 --strategy fsdp --activation-checkpointing full",
     )
     parser.add_argument(
@@ -39,6 +40,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--activation-checkpointing", default="none", choices=ACTIVATION_CHECKPOINTING
+    )
+    parser.add_argument(
+        "--method",
+        choices=("full", "lora"),
+        default="full",
+        help="train every weight, or LoRA adapters on a frozen base (finetune.lora_* set them)",
     )
     parser.add_argument(
         "--nproc", type=int, default=None, metavar="K", help="run in K processes (starts torchrun)"
@@ -65,7 +72,7 @@ def main(argv: list[str]) -> int:
         precision=args.precision,
         strategy=args.strategy,
         activation_checkpointing=args.activation_checkpointing,
-        overrides=args.overrides,
+        overrides=[*args.overrides, f"finetune.method={args.method}"],
     )
     if result is not None:  # rank 0 reports for the job
         print(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Convert models to and from Hugging Face `transformers` (GPT2LMHeadModel, LlamaForCausalLM).
 
-Both directions copy tensors by name through one table (`_param_pairs`), so they cannot
+Both directions copy tensors by name through one table (`param_pairs`), so they cannot
 drift apart. Differences the table absorbs:
 - HF GPT-2 uses Conv1D, whose weight is stored (in, out): the transpose of nn.Linear's.
   Its q/k/v projection is fused as `c_attn` in q, k, v order, the same as ours.
@@ -24,7 +24,7 @@ from lmlab.model.build import build_model
 from lmlab.model.config import ModelConfig
 
 
-def _param_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+def param_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     """(lmlab name, HF name, transposed) for every parameter of a model with config cfg."""
     pairs: list[tuple[str, str, bool]] = []
 
@@ -193,7 +193,7 @@ def to_hf(model: nn.Module) -> Any:
     hf_model = hf_class(to_hf_config(cfg))
     ours = model.state_dict()
     theirs = {
-        hf: ours[name].T if transposed else ours[name] for name, hf, transposed in _param_pairs(cfg)
+        hf: ours[name].T if transposed else ours[name] for name, hf, transposed in param_pairs(cfg)
     }
     for name, tensor in hf_model.state_dict().items():
         if name not in theirs:
@@ -214,7 +214,7 @@ def from_hf(hf_model: Any) -> nn.Module:
     """
     cfg = from_hf_config(hf_model.config)
     theirs = hf_model.state_dict()
-    pairs = _param_pairs(cfg)
+    pairs = param_pairs(cfg)
     missing = [hf for _, hf, _ in pairs if hf not in theirs]
     if missing:
         raise UserError(

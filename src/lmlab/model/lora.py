@@ -171,7 +171,16 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return y
         h = self.lora_A(self.dropout(x))  # (..., rank): the bottleneck
-        return y + self.lora_B(h) * self.scaling  # (..., out)
+        # y + scaling * h @ B^T in one fused op: a separate multiply and add would each make
+        # and later backpropagate through another (..., out) tensor, as costly on a CPU as
+        # the frozen weight's skipped gradient saves.
+        out = torch.addmm(
+            y.reshape(-1, y.size(-1)),
+            h.reshape(-1, h.size(-1)),
+            self.lora_B.weight.t(),
+            alpha=self.scaling,
+        )  # (N, out)
+        return out.view(y.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B @ A, shape (out, in): one matrix that computes base + update."""

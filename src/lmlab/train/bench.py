@@ -20,11 +20,14 @@ import time
 import torch
 
 from lmlab.config import build_config
+from lmlab.model.build import build_model
+from lmlab.model.lora import apply_lora
 from lmlab.runs.device import (
     peak_flops,
     precision_name,
     synchronize,
 )
+from lmlab.runs.load import lora_config
 from lmlab.runs.provenance import source_commit
 from lmlab.train.distributed import runtime
 from lmlab.train.setup import build_engine, train_step
@@ -65,6 +68,14 @@ def bench(
         runtime.shutdown()
 
 
+def _model(cfg):
+    """The model to time: plain (full training) or with LoRA adapters on a frozen base."""
+    model = build_model(cfg.model)
+    if cfg.finetune.method == "lora":
+        apply_lora(model, lora_config(cfg))
+    return model
+
+
 def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
     t = cfg.train
     seq_len = seq_len or cfg.seq_len
@@ -73,7 +84,7 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
         cfg.model.context_length = seq_len
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    engine = build_engine(cfg, env, torch_device)  # the trainer's own set-up
+    engine = build_engine(cfg, env, torch_device, lambda: _model(cfg))  # the trainer's set-up
     amp_dtype = engine.amp_dtype
     params, flops = engine.model.num_params(), engine.model.flops_per_token(seq_len)
     generator = torch.Generator().manual_seed(env.rank)
@@ -126,6 +137,8 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
         "activation_checkpointing": t.activation_checkpointing,
         "precision": precision_name(amp_dtype),
         "compile": t.compile,
+        "method": cfg.finetune.method,
+        "trainable_params": sum(p.numel() for p in engine.model.parameters() if p.requires_grad),
         "warmup_steps": warmup,
         "warmup_s": warmup_s,
         "steps": steps,

@@ -411,7 +411,8 @@ class Trainer:
         bpb = metrics.get("val_bits_per_byte")
         self.log(
             f"step {self.state.step}: val loss {metrics['val_loss']:.4f} | "
-            f"ppl {metrics['val_perplexity']:.2f}" + (f" | bpb {bpb:.3f}" if bpb is not None else "")
+            f"ppl {metrics['val_perplexity']:.2f}"
+            + (f" | bpb {bpb:.3f}" if bpb is not None else "")
         )
         return metrics
 
