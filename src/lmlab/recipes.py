@@ -68,6 +68,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "checkpoint": {"interval": 0},
         "logging": {"interval": 50},
     },
+    # The base model of the fine-tuning workshop (`lmlab quickstart --finetune`): general
+    # text (the shipped Shakespeare sample), a couple of minutes on a laptop CPU.
+    "workshop-base": {
+        "model": {"preset": "tiny", "context_length": 128},
+        "train": {"max_steps": 600, "micro_batch_size": 16, "lr": 3e-3, "warmup_steps": 50},
+        "eval": {"interval": 200, "batches": 10},
+        "checkpoint": {"interval": 0},
+        "logging": {"interval": 50},
+    },
     # Fine-tuning recipes: no model section (the base model brings its own), the training
     # settings that suit each method. Small batches, a short warmup, a few epochs.
     "finetune-full": {
@@ -99,6 +108,7 @@ RECIPE_DESCRIPTIONS = {
     "quickstart": "tiny LLaMA for the FLOWROLL quickstart (CPU, a few minutes)",
     "shakespeare-char-reference": "the classic CPU demo: GPT 4x128, context 64, batch 12, 2000 steps",
     "shakespeare-char-fast": "lmlab's faster recipe for the same data: LLaMA 4x128, 1100 steps at lr 3e-3",
+    "workshop-base": "tiny LLaMA on the shipped Shakespeare sample: the base of `lmlab quickstart --finetune`",
     "finetune-full": "lmlab finetune --method full: every weight, lr 5e-5, 3 epochs",
     "finetune-lora": "lmlab finetune --method lora: rank-8 adapters on a frozen base, lr 1e-3, 3 epochs",
     "finetune-dpo": "lmlab finetune --method dpo: preference pairs, full weights, beta 0.1, lr 1e-5, 1 epoch",

@@ -1,39 +1,71 @@
-"""`lmlab quickstart`: teach a small LLaMA the FLOWROLL language on a CPU, in minutes."""
+"""`lmlab quickstart`: teach a small LLaMA the FLOWROLL language on a CPU, in minutes;
+with --finetune, the fine-tuning workshop (a Shakespeare base, LoRA vs full fine-tuning)."""
 
 from __future__ import annotations
 
 import argparse
 
-from lmlab.experiments.quickstart import run_quickstart
-
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lmlab quickstart",
-        description="Teach a small LLaMA the FLOWROLL practice language on a CPU: data, tokenizer, training, scoring.",
+        description="Teach a small LLaMA the FLOWROLL practice language on a CPU: data, tokenizer, "
+        "training, scoring. With --finetune: train a base on Shakespeare, then fine-tune it on "
+        "FLOWROLL with LoRA and with every weight, and compare.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  lmlab quickstart\n  lmlab quickstart --out /tmp/qs --steps 200",
+        epilog="examples:\n  lmlab quickstart\n  lmlab quickstart --out /tmp/qs --steps 200\n"
+        "  lmlab quickstart --finetune\n  lmlab quickstart --finetune --steps 150 --base-steps 300",
+    )
+    parser.add_argument("--finetune", action="store_true", help="the fine-tuning workshop")
+    parser.add_argument(
+        "--out", default=None, help="folder for data and runs (default ./quickstart or ./workshop)"
     )
     parser.add_argument(
-        "--out", default="quickstart", help="folder for data and runs (default ./quickstart)"
+        "--programs",
+        type=int,
+        default=None,
+        help="training programs (default 30000; 8000 with --finetune)",
     )
     parser.add_argument(
-        "--programs", type=int, default=30_000, help="training programs to generate (default 30000)"
+        "--steps",
+        type=int,
+        default=None,
+        help="training (fine-tuning) steps (default: the recipe's)",
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="training steps (default: the quickstart recipe's)"
+        "--base-steps", type=int, default=600, help="with --finetune: base model steps (600)"
     )
     parser.add_argument(
-        "--test-programs", type=int, default=200, help="held-out programs to score (default 200)"
+        "--test-programs", type=int, default=None, help="held-out programs to score (200; 100)"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("programs", "steps", "base_steps", "test_programs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.finetune:
+        from lmlab.experiments.workshop import run_workshop
+
+        run_workshop(
+            args.out or "workshop",
+            base_steps=args.base_steps,
+            finetune_steps=args.steps or 800,
+            programs=args.programs or 8000,
+            test_programs=args.test_programs or 100,
+            seed=args.seed,
+            log=log,
+        )
+        return 0
+    from lmlab.experiments.quickstart import run_quickstart
+
     run_quickstart(
-        args.out,
-        programs=args.programs,
+        args.out or "quickstart",
+        programs=args.programs or 30_000,
         steps=args.steps,
-        test_programs=args.test_programs,
+        test_programs=args.test_programs or 200,
         seed=args.seed,
-        log=lambda m: print(m, flush=True),
+        log=log,
     )
     return 0

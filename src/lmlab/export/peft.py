@@ -15,8 +15,10 @@ B in nn.Linear's shapes for them too and only needs `fan_in_fan_out: true` to me
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -74,6 +76,28 @@ def peft_config(lora: LoRAConfig, cfg: ModelConfig, base: str | None) -> dict[st
     }
 
 
+def _check_describes(lora: LoRAConfig, model: nn.Module) -> None:
+    """UserError unless `lora` is the config the model's adapters were made with: PEFT
+    rebuilds the adapters from adapter_config.json alone, and a wrong r, alpha or target
+    list there would load with other shapes, another scaling, or tensors silently skipped."""
+    modules = lora_modules(model)
+    adapted = {name.rpartition(".")[2] for name in modules}
+    targets = set(lora.resolve_targets(model.config.family))
+    ranks = {m.rank for m in modules.values()}
+    scalings = {m.scaling for m in modules.values()}
+    if adapted != targets or ranks != {lora.rank}:
+        raise UserError(
+            f"the LoRA config (rank {lora.rank}, targets {', '.join(sorted(targets))}) does not "
+            f"describe the model's adapters (rank {', '.join(map(str, sorted(ranks)))}, "
+            f"on {', '.join(sorted(adapted))})"
+        )
+    if not all(math.isclose(s, lora.scaling, rel_tol=1e-6) for s in scalings):
+        raise UserError(
+            f"the LoRA config's scaling {lora.scaling:g} (alpha {lora.alpha:g}, rslora "
+            f"{lora.rslora}) is not the model's adapters' {', '.join(f'{s:g}' for s in scalings)}"
+        )
+
+
 def save_peft_adapter(
     model: nn.Module,
     lora: LoRAConfig,
@@ -81,11 +105,20 @@ def save_peft_adapter(
     base: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the model's adapters as a PEFT adapter folder, atomically."""
+    """Write the model's adapters as a PEFT adapter folder, atomically.
+
+    `base` becomes base_model_name_or_path; one that carries credentials (a URL with a user
+    or password) is refused, so a token never lands in a file meant to be shared.
+    """
     from safetensors.torch import save_file
 
     if not lora_modules(model):
         raise UserError("the model has no LoRA adapters to export")
+    _check_describes(lora, model)
+    if base is not None and "://" in base:
+        url = urlsplit(base)
+        if url.username or url.password:
+            raise UserError("the base model's address carries credentials: pass it without them")
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists: choose another --out, or pass --overwrite")
@@ -118,6 +151,8 @@ def read_peft_config(folder: str | Path) -> LoRAConfig:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a PEFT adapter config (a JSON object)")
     if config.get("peft_type") != "LORA":
         raise UserError(f"{folder} is a {config.get('peft_type')!r} adapter; lmlab loads LoRA only")
     unsupported = [
@@ -129,6 +164,11 @@ def read_peft_config(folder: str | Path) -> LoRAConfig:
             ("rank_pattern", not config.get("rank_pattern")),
             ("alpha_pattern", not config.get("alpha_pattern")),
             ("layers_to_transform", config.get("layers_to_transform") is None),
+            ("lora_bias", not config.get("lora_bias")),
+            ("layer_replication", not config.get("layer_replication")),
+            ("trainable_token_indices", not config.get("trainable_token_indices")),
+            ("target_parameters", not config.get("target_parameters")),
+            ("alora_invocation_tokens", not config.get("alora_invocation_tokens")),
         )
         if not ok
     ]
@@ -137,13 +177,20 @@ def read_peft_config(folder: str | Path) -> LoRAConfig:
     targets = config.get("target_modules")
     if isinstance(targets, str):
         targets = [targets] if targets == "all-linear" else None
-    if not targets:
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise UserError(f"{folder}: target_modules must be a list of module names")
+    try:
+        rank, alpha = config["r"], float(config["lora_alpha"])
+        dropout = float(config.get("lora_dropout") or 0.0)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{folder}: r and lora_alpha must be numbers in {CONFIG_FILE}") from None
     return LoRAConfig(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout") or 0.0),
-        targets=list(targets),
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        # PEFT matches a dotted name ("self_attn.q_proj") as a suffix of module names; the
+        # tensors themselves then say exactly which modules are adapted.
+        targets=[t.rpartition(".")[2] for t in targets],
         rslora=bool(config.get("use_rslora", False)),
     )
 
@@ -162,13 +209,56 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
             f"{folder} has no {WEIGHTS_FILE}"
             + (" (only a pickled adapter_model.bin, which lmlab never loads)" if pickled else "")
         )
-    apply_lora(model, lora)
-    ours = {theirs: name for name, theirs in module_names(model.config).items()}
+    if lora_modules(model):
+        raise UserError(
+            "the model already has LoRA adapters: load a PEFT adapter onto a plain model"
+        )
+    try:
+        loaded = load_file(str(weights))
+    except Exception as e:  # safetensors raises plain errors for bad headers
+        raise UserError(f"{weights} could not be read: {str(e).splitlines()[0][:200]}") from None
+    # Every check comes before apply_lora: a refused adapter leaves the model as it was.
+    targets = lora.resolve_targets(model.config.family)
+    adaptable = {  # HF module name -> lmlab module name, for the layers target_modules names
+        theirs: ours
+        for ours, theirs in module_names(model.config).items()
+        if ours.rpartition(".")[2] in targets and ours != "lm_head"
+    }
     tensors = {}
-    for key, tensor in load_file(str(weights)).items():
+    for key, tensor in loaded.items():
         module, _, part = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
-        if module not in ours or part not in ("lora_A", "lora_B"):
-            raise UserError(f"{folder}: adapter tensor {key} matches no layer of this model")
-        tensors[f"{ours[module]}.{part}.weight"] = tensor
+        if (
+            module not in adaptable
+            or part not in ("lora_A", "lora_B")
+            or not key.endswith(".weight")
+        ):
+            raise UserError(
+                f"{folder}: adapter tensor {key} is on no layer of this model that "
+                "target_modules names (made for another architecture?)"
+            )
+        linear = model.get_submodule(adaptable[module])
+        needed = (
+            (lora.rank, linear.in_features)
+            if part == "lora_A"
+            else (linear.out_features, lora.rank)
+        )
+        if tuple(tensor.shape) != needed:
+            raise UserError(
+                f"{folder} was made for another base model (or rank): {key} has shape "
+                f"{tuple(tensor.shape)}, this model needs {needed}"
+            )
+        tensors[f"{adaptable[module]}.{part}.weight"] = tensor
+    missing = sorted(
+        f"{PREFIX}{theirs}.{part}.weight"
+        for theirs, ours in adaptable.items()
+        for part in ("lora_A", "lora_B")
+        if f"{ours}.{part}.weight" not in tensors
+    )
+    if missing:
+        raise UserError(
+            f"{folder} lacks {len(missing)} adapter tensor(s) its target_modules call for, "
+            f"e.g. {missing[0]}: made for a model with other layers?"
+        )
+    apply_lora(model, lora)
     load_lora_state_dict(model, tensors)
     return lora

@@ -221,6 +221,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, linear in chosen:
         parent, _, leaf = name.rpartition(".")
         adapter = LoRALinear(linear, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
+        # A new module starts in training mode; a model in eval mode must not get live dropout.
+        adapter.train(linear.training)
         setattr(model.get_submodule(parent), leaf, adapter)
     for param in model.parameters():
         param.requires_grad_(False)

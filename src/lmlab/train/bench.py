@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import itertools
 import platform
-import resource
-import sys
 import time
 
 import torch
@@ -24,6 +22,7 @@ from lmlab.model.build import build_model
 from lmlab.model.lora import apply_lora
 from lmlab.runs.device import (
     peak_flops,
+    peak_memory,
     precision_name,
     synchronize,
 )
@@ -109,15 +108,7 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
     step_s = runtime.max_across_ranks(step_s, env, torch_device)  # the slowest rank sets the pace
     tokens_per_s = micro_batch * seq_len * env.world_size / step_s
     peak = peak_flops(torch_device)
-    if torch_device.type == "cuda":
-        peak_bytes, measure = (
-            torch.cuda.max_memory_allocated(torch_device),
-            "torch.cuda.max_memory_allocated",
-        )
-    else:
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-        measure = "process peak RSS"
+    peak_bytes, measure = peak_memory(torch_device)
     peak_bytes = runtime.max_across_ranks(peak_bytes, env, torch_device)
     if not env.is_main:
         return None

@@ -47,7 +47,7 @@ from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import atomic_write_text
 from lmlab.runs import checkpoint as ckpt_io
-from lmlab.runs.device import peak_flops, precision_name, synchronize
+from lmlab.runs.device import peak_flops, peak_memory, precision_name, synchronize
 from lmlab.runs.folder import new_run_dir
 from lmlab.runs.lock import RunLock
 from lmlab.runs.metrics import MetricsLog
@@ -374,6 +374,7 @@ class Trainer:
                 "tokens_per_s": tokens_per_s,
                 "step_time_s": step_time_s,
                 "mfu": mfu,
+                "peak_memory_bytes": peak_memory(self.device)[0],
                 **self.task.progress_metrics(),
             }
         )
