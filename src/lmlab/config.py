@@ -163,6 +163,10 @@ class FinetuneConfig:
     """Dropout on the input of the LoRA path."""
     lora_targets: str = ""
     """Comma-separated module names to adapt (empty -> every attention and MLP projection)."""
+    lora_rslora: bool = False
+    """Scale the update by alpha / sqrt(rank) (rsLoRA) instead of alpha / rank."""
+    adapter: str = ""
+    """A PEFT LoRA adapter folder to start from (its rank, alpha and targets replace lora_*)."""
     dpo_beta: float = 0.1
     """DPO temperature: how far the policy may move from the reference."""
     epochs: float = 0.0

@@ -171,3 +171,46 @@ def test_lora_export_of_a_run_loads_in_peft(base_run, tmp_path: Path):
     with torch.no_grad():
         diff = (ours(tokens)[0] - peft_model(input_ids=tokens).logits).abs().max().item()
     assert diff < 1e-5, diff
+
+
+def test_a_peft_adapter_is_a_starting_point(base_run, tmp_path: Path):
+    """lmlab finetune --adapter DIR: training starts from the adapter's weights and settings."""
+    from lmlab.cli import main as cli_main
+    from lmlab.runs.load import build_from_checkpoint
+
+    base, _, _, _ = build_from_checkpoint(base_run)
+    cfg = LoRAConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj"])
+    apply_lora(base, cfg)
+    with torch.no_grad():
+        for module in lora_modules(base).values():
+            module.lora_B.weight.normal_(0, 0.2)
+    adapter = save_peft_adapter(base, cfg, tmp_path / "adapter")
+    runs = tmp_path / "runs"
+    argv = [
+        "finetune",
+        "--from",
+        str(base_run),
+        "--adapter",
+        str(adapter),
+        "--data",
+        "dsl:flowroll:200",
+        "--method",
+        "lora",
+        f"logging.runs_dir={runs}",
+        "train.max_steps=2",
+        "train.lr=1e-9",
+        "train.micro_batch_size=4",
+        "train.device=cpu",
+        "logging.tensorboard=false",
+    ]
+    with pytest.raises(SystemExit) as info:
+        cli_main(argv)
+    assert info.value.code == 0
+    (run,) = (runs / "finetune-lora").iterdir()
+    tuned, _, saved, _ = build_from_checkpoint(run)
+    assert (saved.finetune.lora_rank, saved.finetune.lora_targets) == (4, "q_proj,v_proj")
+    tokens = torch.randint(
+        0, tuned.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():  # lr 1e-9: the adapter is (almost) exactly the one we started from
+        assert (tuned(tokens)[0] - base.eval()(tokens)[0]).abs().max().item() < 1e-4

@@ -14,6 +14,7 @@ EPILOG = """examples:
   lmlab finetune --from ./my-hf-llama --data chats.jsonl --method full train.lr=2e-5
   lmlab finetune --from runs/tiny/20261123-101500 --data dsl:flowroll:2000 --method lora finetune.lora_rank=16
   lmlab finetune --from runs/sft/20261124-090000 --data prefs.jsonl --method dpo-lora
+  lmlab finetune --from ./my-hf-llama --adapter ./peft-adapter --data more.jsonl --method lora
   lmlab finetune --resume runs/finetune-lora/20261124-101500
 
 data (JSONL, one record per line; the format is read from the keys):
@@ -63,6 +64,11 @@ def main(argv: list[str]) -> int:
         "--val-data", metavar="FILE", help="validation JSONL (default: a split of --data)"
     )
     parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="start LoRA from a PEFT adapter folder (made for this base)",
+    )
+    parser.add_argument(
         "--method", "-m", choices=list(METHODS), default="lora", help="(default lora)"
     )
     parser.add_argument(
@@ -87,6 +93,7 @@ def main(argv: list[str]) -> int:
         ("source", "finetune.base"),
         ("data", "finetune.data"),
         ("val_data", "finetune.val_data"),
+        ("adapter", "finetune.adapter"),
         ("on_overflow", "finetune.on_overflow"),
         ("device", "train.device"),
     ):

@@ -21,6 +21,7 @@ from torch import nn
 
 from lmlab.config import Config, load_config
 from lmlab.errors import UserError
+from lmlab.export.peft import load_peft_adapter, read_peft_config
 from lmlab.finetune.data import (
     DEFAULT_CHAT_TEMPLATE,
     PreferenceLoader,
@@ -47,6 +48,16 @@ from lmlab.train.setup import Engine, train_step
 from lmlab.train.task import Loader
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _adopt_adapter_settings(cfg: Config) -> None:
+    """Take rank, alpha, dropout and targets from the PEFT adapter the run starts from."""
+    f = cfg.finetune
+    if f.method != "lora":
+        raise UserError("--adapter continues a LoRA adapter: use it with --method lora or dpo-lora")
+    peft = read_peft_config(f.adapter)
+    f.lora_rank, f.lora_alpha, f.lora_dropout = peft.rank, peft.alpha, peft.dropout
+    f.lora_targets, f.lora_rslora = ",".join(peft.targets), peft.rslora
 
 
 def uses_adapters(cfg: Config) -> bool:
@@ -82,6 +93,8 @@ class FinetuneTask:
         self.pad_id = pad_id_for(self.tokenizer)
         self.chat_template, self.template_vars = self._chat_template()
         self.cfg = cfg
+        if f.adapter:
+            _adopt_adapter_settings(cfg)
         self.lora = lora_config(cfg) if uses_adapters(cfg) else None
         if self.lora is not None:
             self.lora.resolve_targets(cfg.model.family)  # unknown targets: one line, now
@@ -168,7 +181,10 @@ class FinetuneTask:
                 self.source.load_into(model)
             return model
         self.source.load_into(model)
-        apply_lora(model, self.lora)
+        if checkpoint is None and cfg.finetune.adapter:
+            load_peft_adapter(model, cfg.finetune.adapter)  # the starting point: trained adapters
+        else:
+            apply_lora(model, self.lora)
         if checkpoint is not None:
             load_adapter(model, checkpoint)
         return model

@@ -19,7 +19,13 @@ def lora_config(cfg: Config) -> LoRAConfig:
     """A run's LoRA settings (finetune.lora_*) as a LoRAConfig; no targets: every projection."""
     f = cfg.finetune
     targets = [t.strip() for t in f.lora_targets.split(",") if t.strip()] or ["all-linear"]
-    return LoRAConfig(rank=f.lora_rank, alpha=f.lora_alpha, dropout=f.lora_dropout, targets=targets)
+    return LoRAConfig(
+        rank=f.lora_rank,
+        alpha=f.lora_alpha,
+        dropout=f.lora_dropout,
+        targets=targets,
+        rslora=f.lora_rslora,
+    )
 
 
 def open_base(cfg: Config) -> ModelSource:
