@@ -231,7 +231,10 @@ BAD_FLAGS = [
     (["--from", "{base}", "--data", "{sft}", "finetune.lora_rank=0"], "rank must be"),
     (["--from", "{base}", "--data", "{sft}", "finetune.lora_targets=c_attn"], "not a module"),
     (["--from", "{base}", "--data", "{sft}", "finetune.lora_dropout=1.5"], "dropout"),
-    (["--from", "{base}", "--data", "{sft}", "--method", "qlora"], "qlora"),
+    (
+        ["--from", "{base}", "--data", "{sft}", "--method", "full", "--adapter", "{tmp}"],
+        "LoRA adapter",
+    ),
     (["--from", "{base}", "--data", "{sft}", "finetune.method=wrong"], "must be one of"),
     (["--from", "{base}", "--data", "{sft}", "train.seq_len=4096"], "longer than"),
     (
@@ -318,3 +321,33 @@ def test_merge_equals_base_plus_adapter(base_run, sft_file, tmp_path, capsys):
     assert cli_main_rc(["lora", "merge", str(out), "--out", str(tmp_path / "again")]) == 2
     with pytest.raises(UserError, match="lora merge"):
         finetune(finetune_config(run, sft_file, tmp_path / "runs2", "lora"), log=quiet)
+
+
+def test_qlora_run_resumes_exactly_and_loads_quantized(base_run, sft_file, tmp_path):
+    from lmlab.model.lora import lora_modules
+    from lmlab.model.quant import NF4Linear
+
+    cfg = finetune_config(
+        base_run, sft_file, tmp_path / "runs", "lora", "finetune.method=qlora", "train.lr=1e-2"
+    )
+    straight = finetune(cfg, log=quiet)
+    stopped = finetune(cfg, stop_at_step=4, log=quiet)
+    resumed = finetune(cfg, resume=stopped.run_dir, log=quiet)
+    a, b = adapter(straight.run_dir), adapter(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, _, saved, _ = build_from_checkpoint(straight.run_dir)
+    assert saved.finetune.method == "qlora"
+    assert all(isinstance(m.base, NF4Linear) for m in lora_modules(model).values())
+    # Merge and export use the full-precision base under the adapters.
+    out = tmp_path / "merged"
+    assert cli_main_rc(["lora", "merge", str(straight.run_dir), "--out", str(out)]) == 0
+    merged, _, _, _ = build_from_checkpoint(out)
+    unquantized, _, _, _ = build_from_checkpoint(straight.run_dir, quantized=False)
+    ids = torch.randint(
+        0, saved.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        assert (merged(ids)[0] - unquantized(ids)[0]).abs().max().item() < 1e-5
+        # NF4 changes the base a little, not a lot.
+        gap = (model(ids)[0] - unquantized(ids)[0]).abs().max().item()
+    assert 0 < gap < 1.0

@@ -43,9 +43,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--method",
-        choices=("full", "lora"),
+        choices=("full", "lora", "qlora"),
         default="full",
-        help="train every weight, or LoRA adapters on a frozen base (finetune.lora_* set them)",
+        help="train every weight, or LoRA adapters on a frozen base, fp32 or 4-bit NF4 (qlora)",
     )
     parser.add_argument(
         "--nproc", type=int, default=None, metavar="K", help="run in K processes (starts torchrun)"

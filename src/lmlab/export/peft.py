@@ -137,7 +137,7 @@ def export_run(spec: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     resolved = resolve_checkpoint(spec)
     if not (resolved.path / ADAPTER_FILE).is_file():
         raise UserError(f"{resolved.path} is not a LoRA fine-tune: it has no adapters to export")
-    model, _, cfg, _ = build_from_checkpoint(resolved.path)
+    model, _, cfg, _ = build_from_checkpoint(resolved.path, quantized=False)
     return save_peft_adapter(model, lora_config(cfg), out, cfg.finetune.base or None, overwrite)
 
 

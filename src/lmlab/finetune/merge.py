@@ -33,7 +33,7 @@ def merge_run(spec: str | Path, out: str | Path, overwrite: bool = False) -> Pat
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists: choose another --out, or pass --overwrite")
-    model, _, cfg, ckpt = build_from_checkpoint(resolved.path)
+    model, _, cfg, ckpt = build_from_checkpoint(resolved.path, quantized=False)
     if not lora_modules(model):
         raise UserError(f"{ckpt} did not load any LoRA adapters")
     merged = merge_lora(model).eval()

@@ -37,6 +37,7 @@ from lmlab.finetune.data import (
 from lmlab.finetune.dpo import DPOMetrics, Reference, dpo_batch_loss, evaluate_dpo, reference_for
 from lmlab.model.build import build_model
 from lmlab.model.lora import apply_lora, lora_state_dict
+from lmlab.model.quant import quantize_base
 from lmlab.runs.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_adapter, load_weights
 from lmlab.runs.device import autocast
 from lmlab.runs.load import lora_config, open_base
@@ -53,8 +54,10 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 def _adopt_adapter_settings(cfg: Config) -> None:
     """Take rank, alpha, dropout and targets from the PEFT adapter the run starts from."""
     f = cfg.finetune
-    if f.method != "lora":
-        raise UserError("--adapter continues a LoRA adapter: use it with --method lora or dpo-lora")
+    if f.method not in ("lora", "qlora"):
+        raise UserError(
+            "--adapter continues a LoRA adapter: use it with --method lora, qlora or dpo-lora"
+        )
     peft = read_peft_config(f.adapter)
     f.lora_rank, f.lora_alpha, f.lora_dropout = peft.rank, peft.alpha, peft.dropout
     f.lora_targets, f.lora_rslora = ",".join(peft.targets), peft.rslora
@@ -75,10 +78,6 @@ class FinetuneTask:
             raise UserError("no base model: pass --from RUN_DIR|CHECKPOINT|HF_FOLDER|HF_NAME")
         if not f.data:
             raise UserError("no fine-tuning data: pass --data FILE.jsonl (or dsl:flowroll)")
-        if f.method == "qlora":
-            raise UserError(
-                "--method qlora is not available yet: use lora (same adapters, fp32 base)"
-            )
         self.source: ModelSource = open_base(cfg)
         f.base_sha256 = self.source.weights_sha256
         dropout = cfg.model.dropout if cfg.model.family == self.source.model_config.family else 0.0
@@ -187,6 +186,8 @@ class FinetuneTask:
             apply_lora(model, self.lora)
         if checkpoint is not None:
             load_adapter(model, checkpoint)
+        if cfg.finetune.method == "qlora":  # the frozen base in 4-bit NF4, the adapters fp32
+            quantize_base(model)
         return model
 
     def _reference(self, engine: Engine, cfg: Config) -> Reference:

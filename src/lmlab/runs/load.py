@@ -11,6 +11,7 @@ from lmlab.data.tokenizer import load_tokenizer
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
 from lmlab.model.lora import LoRAConfig, apply_lora
+from lmlab.model.quant import quantize_base
 from lmlab.runs.checkpoint import ADAPTER_FILE, load_adapter, load_weights, resolve_checkpoint
 from lmlab.runs.source import ModelSource, open_source
 
@@ -40,11 +41,15 @@ def open_base(cfg: Config) -> ModelSource:
     return base
 
 
-def build_from_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
+def build_from_checkpoint(
+    spec: str | Path, device: str | torch.device = "cpu", quantized: bool = True
+):
     """(model in eval mode, TextTokenizer, Config, checkpoint path): what eval and generate need.
 
     A LoRA fine-tune's checkpoint holds its adapters alone: the base model named in its
-    config is loaded (and must have the recorded SHA-256), then the adapters on top.
+    config is loaded (and must have the recorded SHA-256), then the adapters on top. A
+    QLoRA run's base is quantized to NF4 as in training, unless `quantized` is False (to
+    merge or export the adapters onto the full-precision base).
     """
     resolved = resolve_checkpoint(spec)
     cfg = resolved.config
@@ -54,6 +59,8 @@ def build_from_checkpoint(spec: str | Path, device: str | torch.device = "cpu"):
         base.load_into(model)
         apply_lora(model, lora_config(cfg))
         load_adapter(model, resolved.path)
+        if quantized and cfg.finetune.method == "qlora":
+            quantize_base(model)
     else:
         load_weights(model, resolved.path)
     model.to(device).eval()

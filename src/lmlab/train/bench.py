@@ -20,6 +20,7 @@ import torch
 from lmlab.config import build_config
 from lmlab.model.build import build_model
 from lmlab.model.lora import apply_lora
+from lmlab.model.quant import quantize_base
 from lmlab.runs.device import (
     peak_flops,
     peak_memory,
@@ -68,10 +69,13 @@ def bench(
 
 
 def _model(cfg):
-    """The model to time: plain (full training) or with LoRA adapters on a frozen base."""
+    """The model to time: plain (full training), or LoRA adapters on a frozen base (in NF4
+    for qlora)."""
     model = build_model(cfg.model)
-    if cfg.finetune.method == "lora":
+    if cfg.finetune.method in ("lora", "qlora"):
         apply_lora(model, lora_config(cfg))
+    if cfg.finetune.method == "qlora":
+        quantize_base(model)
     return model
 
 
