@@ -99,3 +99,17 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process peak RSS"
+
+
+def current_memory(device: torch.device) -> int | None:
+    """Memory this process holds on `device` now: torch's allocation on CUDA, the resident
+    set on Linux (None where neither can be read)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -22,6 +22,7 @@ from lmlab.model.build import build_model
 from lmlab.model.lora import apply_lora
 from lmlab.model.quant import quantize_base
 from lmlab.runs.device import (
+    current_memory,
     peak_flops,
     peak_memory,
     precision_name,
@@ -113,6 +114,7 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
     tokens_per_s = micro_batch * seq_len * env.world_size / step_s
     peak = peak_flops(torch_device)
     peak_bytes, measure = peak_memory(torch_device)
+    after_steps_bytes = current_memory(torch_device)  # steady state, without set-up's peak
     peak_bytes = runtime.max_across_ranks(peak_bytes, env, torch_device)
     if not env.is_main:
         return None
@@ -143,5 +145,6 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
         "peak_flops": peak,
         "mfu": flops * tokens_per_s / (peak * env.world_size) if peak else None,
         "peak_memory_bytes": peak_bytes,
+        "memory_after_steps_bytes": after_steps_bytes,
         "memory_measure": measure + (" (largest of the processes)" if env.enabled else ""),
     }
