@@ -30,6 +30,8 @@ SCRIPT = textwrap.dedent(
     import torch
     from lmlab.model.build import build_model
     from lmlab.model.config import ModelConfig
+    from lmlab.model.lora import LoRAConfig, apply_lora
+    from lmlab.model.quant import quantize_base
     from lmlab.train.distributed.parallelize import apply_activation_checkpointing
 
     def rss(field):
@@ -44,10 +46,19 @@ SCRIPT = textwrap.dedent(
     B, T = args["micro_batch"], args["seq_len"]
     batches = [torch.randint(0, cfg.vocab_size, (B, T)) for _ in range(2)]
 
+    method = args.get("method", "full")
+
     def build():
         model = build_model(cfg)
+        if method in ("lora", "qlora"):
+            apply_lora(model, LoRAConfig(rank=args.get("lora_rank", 8)))
+        if method == "qlora":
+            quantize_base(model)
         apply_activation_checkpointing(model, args.get("checkpointing", "none"))
         return model
+
+    def optimizer(model):  # as the trainer: AdamW over what is trained
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train_step(model, opt):
         for idx in batches:
@@ -59,11 +70,11 @@ SCRIPT = textwrap.dedent(
     # Warm up on a throwaway model, so code pages, thread pools and kernel caches are
     # resident before the baseline; its tensors are unmapped when freed.
     warm = build()
-    train_step(warm, torch.optim.AdamW(warm.parameters(), lr=1e-4))
+    train_step(warm, optimizer(warm))
     del warm
     baseline = rss("VmRSS")
     model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = optimizer(model)
     tiny = torch.randint(0, cfg.vocab_size, (1, 4))
     model(tiny, tiny)[1].backward()
     opt.step()
@@ -173,3 +184,82 @@ def test_kv_cache_bytes():
     )
     # 2 (k, v) * 2 layers * batch 3 * 10 positions * 2 heads * 8 dims * 2 bytes
     assert kv_cache_bytes(cfg, 3, 10, 2) == 2 * 2 * 3 * 10 * 2 * 8 * 2
+
+
+def _measured(case: dict, method: str) -> int:
+    key = json.dumps({**case, "method": method}, sort_keys=True)
+    if key not in _MEASURED:
+        _MEASURED[key] = measure(json.loads(key))
+    return _MEASURED[key]
+
+
+_MEASURED: dict[str, int] = {}  # full-training runs are shared by the lora and qlora cases
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fine_tuning_saving_matches_measured_within_15_percent(name, method):
+    """Planned full-minus-method bytes vs. the measured difference of peaks (baselines cancel)."""
+    case = CASES[name]
+    cfg = ModelConfig(**case["model"])
+
+    def planned(m: str) -> int:
+        return training_memory(
+            cfg, case["micro_batch"], case["seq_len"], precision="fp32", method=m
+        ).total_bytes
+
+    measured_saving = _measured(case, "full") - _measured(case, method)
+    planned_saving = planned("full") - planned(method)
+    print(name, method, "measured saving", measured_saving, "planned", planned_saving)
+    assert planned_saving == pytest.approx(measured_saving, rel=0.15)
+
+
+CONFIGS = {
+    "llama": dict(family="llama", n_head=4, d_model=64),
+    "llama-gqa": dict(family="llama", n_head=4, n_kv_head=2, d_model=64),
+    "gpt2": dict(family="gpt2", n_head=4, d_model=64),
+    "gpt2-untied-no-bias": dict(
+        family="gpt2", n_head=4, d_model=64, tie_embeddings=False, bias=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_trainable_params_and_weight_bytes_match_real_models(name):
+    from lmlab.estimate.memory import trainable_params, weight_bytes
+    from lmlab.model.build import build_model
+    from lmlab.model.lora import LoRAConfig, apply_lora, trainable_parameters
+    from lmlab.model.quant import quantize_base
+
+    cfg = ModelConfig(vocab_size=97, context_length=32, n_layer=3, **CONFIGS[name])
+    model = build_model(cfg)
+    assert trainable_params(cfg, "full") == trainable_parameters(model)
+    assert weight_bytes(cfg, "full") == 4 * sum(p.numel() for p in model.parameters())
+    apply_lora(model, LoRAConfig(rank=4))
+    assert trainable_params(cfg, "lora", lora_rank=4) == trainable_parameters(model)
+    assert trainable_params(cfg, "qlora", lora_rank=4) == trainable_parameters(model)
+    assert weight_bytes(cfg, "lora", 4) == 4 * sum(p.numel() for p in model.parameters())
+    quantize_base(model)
+    stored = {n: b for n, b in model.state_dict(keep_vars=True).items()}
+    real = sum(t.numel() * t.element_size() for t in {id(t): t for t in stored.values()}.values())
+    assert weight_bytes(cfg, "qlora", 4) == real
+
+
+def test_methods_order_and_bad_method():
+    from lmlab.errors import UserError
+
+    cfg = ModelConfig(
+        family="llama", vocab_size=1000, context_length=64, n_layer=4, n_head=4, d_model=64
+    )
+    full, lora, qlora = (training_memory(cfg, 2, 64, method=m) for m in ("full", "lora", "qlora"))
+    assert qlora.total_bytes < lora.total_bytes < full.total_bytes
+    assert lora.gradients_bytes * 2 == lora.optimizer_bytes < full.optimizer_bytes
+    assert qlora.weights_bytes < lora.weights_bytes
+    assert qlora.dequantized_weight_bytes > 0 == lora.dequantized_weight_bytes
+    assert training_memory(cfg, 2, 64) == full  # existing callers: method defaults to full
+    with pytest.raises(UserError, match="unknown method"):
+        training_memory(cfg, 2, 64, method="dora")
+    with pytest.raises(UserError, match="rank"):
+        training_memory(cfg, 2, 64, method="lora", lora_rank=0)

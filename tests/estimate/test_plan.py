@@ -144,3 +144,33 @@ def test_scaling_law_numbers():
     assert "far below" in scaling.tokens_per_param_warning(1e9, 4e9)
     assert "inference" not in scaling.tokens_per_param_warning(1e9, 1e12)
     assert "serve many tokens" in scaling.tokens_per_param_warning(1e9, 1e12)
+
+
+def test_plan_method_lora_and_qlora(capsys):
+    args = ["--preset", "llama-1.36b", "--hardware", "rtx4090", "--tokens", "1e8"]
+    plans = {}
+    for method in ("full", "lora", "qlora"):
+        main([*args, "--method", method, "--lora-rank", "16", "--micro-batch", "1", "--json"])
+        plans[method] = json.loads(capsys.readouterr().out)
+    full, lora, qlora = plans["full"], plans["lora"], plans["qlora"]
+    assert full["trainable_params"] == full["params"]
+    # 18 blocks of q, k, v, o (2304 -> 2304) and gate, up (2304 -> 6144), down (6144 -> 2304)
+    per_block = 16 * (4 * (2304 + 2304) + 3 * (2304 + 6144))
+    assert lora["trainable_params"] == qlora["trainable_params"] == 18 * per_block
+    assert lora["settings"]["method"] == "lora" and lora["settings"]["lora_rank"] == 16
+    total = {m: p["memory_per_gpu"]["total_bytes"] for m, p in plans.items()}
+    assert total["qlora"] < total["lora"] < total["full"]
+    assert not full["fits"] and lora["fits"] and qlora["fits"]
+    main([*args, "--method", "qlora"])
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out and "qlora, rank 8" in out
+    assert "weights (NF4 + fp32)" in out
+
+
+def test_suggestions_keep_the_method():
+    cfg = get_model_preset("llama-1.36b")
+    plan = make_plan(cfg, tokens=1e8, hardware="rtx4090", method="lora", micro_batch=8)
+    assert not plan["fits"]
+    flags = plan["suggestions"][0].split(" (")[0].split()
+    fixed = make_plan(cfg, tokens=1e8, hardware="rtx4090", method="lora", micro_batch=int(flags[1]))
+    assert fixed["fits"]

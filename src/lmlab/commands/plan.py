@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from lmlab.config import ACTIVATION_CHECKPOINTING, STRATEGIES, TRAINING_DTYPES
+from lmlab.config import ACTIVATION_CHECKPOINTING, FINETUNE_METHODS, STRATEGIES, TRAINING_DTYPES
 from lmlab.errors import UserError
 from lmlab.estimate.api import api_comparison, load_prices
 from lmlab.estimate.hardware import load_hardware
@@ -20,6 +20,7 @@ examples:
   lmlab plan --preset gpt2-124m --budget-hours 2 --hardware a100-80gb
   lmlab plan --params 350e6 --budget-usd 500 --hardware 8xh100 --json
   lmlab plan --preset small --tokens 50e6 --hardware cpu-laptop --seq-len 256
+  lmlab plan --preset llama-1.36b --tokens 1e8 --hardware rtx4090 --method qlora --lora-rank 16
   lmlab plan api --tokens-in 2e9 --tokens-out 5e8 --preset gpt2-124m --hardware h100
 """
 
@@ -74,13 +75,27 @@ def _duration(hours: float) -> str:
     return f"{hours:.1f} h ({hours / 24:.1f} days)"
 
 
+def _trainable(plan: dict[str, Any]) -> str:
+    s = plan["settings"]
+    method = s.get("method", "full")
+    trainable = plan.get("trainable_params", plan["params"])
+    if method == "full":
+        return f"{trainable:,} (full: every weight)"
+    return (
+        f"{trainable:,} ({trainable / plan['params']:.2%}; {method}, rank {s['lora_rank']} "
+        "adapters on every projection)"
+    )
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as an aligned, human-readable table."""
     m, hw, s, opt = plan["model"], plan["hardware"], plan["settings"], plan["compute_optimal"]
     mem = plan["memory_per_gpu"]
+    weights_kind = {"lora": "fp32 frozen", "qlora": "NF4 + fp32"}.get(s.get("method"), "fp32")
     rows = [
         ("model", f"{m['family']} {m['n_layer']}x{m['d_model']}, vocab {m['vocab_size']}"),
         ("parameters", f"{plan['params']:,} ({plan['non_embedding_params']:,} non-embedding)"),
+        ("trainable parameters", _trainable(plan)),
         ("FLOPs per token", f"{plan['flops_per_token']:.3e} (training, seq_len {s['seq_len']})"),
         ("tokens", f"{_si(plan['tokens'])} ({plan['tokens_source']})"),
         ("tokens per parameter", f"{plan['tokens_per_param']:.1f}"),
@@ -92,7 +107,7 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"activation checkpointing {s['activation_checkpointing']}, MFU {plan['mfu']:.0%}",
         ),
         ("memory per GPU", ""),
-        ("  weights (fp32)", _gib(mem["weights_bytes"])),
+        (f"  weights ({weights_kind})", _gib(mem["weights_bytes"])),
         ("  gradients (fp32)", _gib(mem["gradients_bytes"])),
         ("  AdamW state", _gib(mem["optimizer_bytes"])),
         ("  activations", _gib(mem["activations_bytes"])),
@@ -107,6 +122,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         )
     if mem["gathered_weights_bytes"]:
         rows.append(("  FSDP gathered block", _gib(mem["gathered_weights_bytes"])))
+    if mem.get("dequantized_weight_bytes"):
+        rows.append(("  dequantized weight", _gib(mem["dequantized_weight_bytes"])))
     rows += [
         ("  total", _gib(mem["total_bytes"])),
         (
@@ -145,6 +162,14 @@ def _plan_main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
+    p.add_argument(
+        "--method",
+        choices=FINETUNE_METHODS,
+        default="full",
+        help="train every weight (full), LoRA adapters on a frozen fp32 base (lora), or on a "
+        "4-bit NF4 base (qlora); adapters on every projection",
+    )
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank for lora/qlora (8)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=_number, help="training tokens (default 20 x params)")
     budget.add_argument("--budget-hours", type=_number, help="wall-clock hours to spend")
@@ -163,6 +188,8 @@ def _plan_main(argv: list[str]) -> int:
         activation_checkpointing=args.activation_checkpointing,
         precision=args.precision,
         hardware_presets=load_hardware(args.hardware_file),
+        method=args.method,
+        lora_rank=args.lora_rank,
     )
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0 if plan["fits"] else 1

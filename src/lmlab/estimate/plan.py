@@ -14,7 +14,7 @@ from lmlab.config import ACTIVATION_CHECKPOINTING, STRATEGIES
 from lmlab.errors import UserError
 from lmlab.estimate import scaling
 from lmlab.estimate.hardware import Hardware, load_hardware, parse_hardware_spec
-from lmlab.estimate.memory import training_memory
+from lmlab.estimate.memory import trainable_params, training_memory
 from lmlab.model.build import flops_per_token, param_count
 from lmlab.model.config import ModelConfig
 
@@ -33,6 +33,8 @@ def _memory(cfg: ModelConfig, s: dict[str, Any]):
         s["activation_checkpointing"],
         s["strategy"],
         s["count"],
+        s.get("method", "full"),
+        s.get("lora_rank", 8),
     )
 
 
@@ -91,11 +93,15 @@ def make_plan(
     activation_checkpointing: str = "none",
     precision: str | None = None,
     hardware_presets: dict[str, Hardware] | None = None,
+    method: str = "full",
+    lora_rank: int = 8,
 ) -> dict[str, Any]:
     """A plain dict (JSON-ready) describing the run; see docs/planning.md.
 
     Give at most one of tokens, budget_hours, budget_usd; with none, the compute-optimal
-    20 tokens per parameter is assumed. precision defaults to the hardware's.
+    20 tokens per parameter is assumed. precision defaults to the hardware's. method:
+    "full", or "lora" / "qlora" with adapters of rank lora_rank on every projection (memory
+    and trainable parameters change; FLOPs are counted as for full training).
     """
     if sum(x is not None for x in (tokens, budget_hours, budget_usd)) > 1:
         raise UserError("give only one of --tokens, --budget-hours, --budget-usd")
@@ -148,6 +154,8 @@ def make_plan(
         strategy=strategy,
         count=count,
         hardware=hw.name,
+        method=method,
+        lora_rank=lora_rank,
     )
     memory = _memory(model_cfg, settings)
     available_bytes = hw.memory_gib * GIB
@@ -162,6 +170,7 @@ def make_plan(
         "model": model_cfg.to_dict(),
         "params": n_params,
         "non_embedding_params": n_non_embedding,
+        "trainable_params": trainable_params(model_cfg, method, lora_rank),
         "flops_per_token": flops_token,
         "tokens": tokens,
         "tokens_source": tokens_source,
