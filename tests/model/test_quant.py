@@ -179,3 +179,17 @@ def test_quantize_linears_replaces_plain_layers_by_name():
     assert saved > 0
     with torch.no_grad():
         assert (model(idx)[0] - reference).norm() / reference.norm() < 0.1
+
+
+def test_nf4_matches_bitsandbytes():
+    """Our NF4 (levels from their definition, blockwise absmax) against the reference
+    implementation, where bitsandbytes' CPU path is installed."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    from lmlab.model.quant import dequantize_nf4, quantize_nf4
+
+    # (bitsandbytes 0.50.2's CPU path itself goes wrong on some shapes, e.g. 256 x 96.)
+    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    theirs = functional.dequantize_4bit(packed, state)
+    ours = dequantize_nf4(*quantize_nf4(weight))
+    assert (ours - theirs).abs().max().item() < 1e-5
