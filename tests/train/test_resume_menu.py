@@ -119,3 +119,44 @@ def test_new_flag_skips_the_menu_in_a_terminal(flowroll_data: Path, tmp_path: Pa
     rc, out = run_in_terminal([*command(flowroll_data, runs), "--new"], "q")
     assert rc == 0 and "choice" not in out, out
     assert len(find_runs(runs, "ultra-tiny")) == 2
+
+
+@pytest.mark.slow
+def test_finetune_offers_the_same_menu(flowroll_data: Path, tmp_path: Path):
+    from lmlab.finetune.task import finetune
+
+    runs = tmp_path / "runs"
+    base = stopped_run(flowroll_data, runs)
+    settings = [
+        f"logging.runs_dir={runs}",
+        "train.max_steps=6",
+        "train.micro_batch_size=4",
+        "train.device=cpu",
+        "logging.tensorboard=false",
+    ]
+    cfg = build_config(
+        "finetune-lora",
+        overrides=[
+            f"finetune.base={base}",
+            "finetune.data=dsl:flowroll:200",
+            "finetune.epochs=0",
+            *settings,
+        ],
+    )
+    old = finetune(cfg, stop_at_step=3, log=lambda *a, **k: None).run_dir
+    argv = [
+        sys.executable,
+        "-m",
+        "lmlab",
+        "finetune",
+        "--from",
+        str(base),
+        "--data",
+        "dsl:flowroll:200",
+        "--method",
+        "lora",
+        *settings,
+    ]
+    rc, out = run_in_terminal(argv, "r")
+    assert rc == 0 and "stopped before its end" in out and f"resuming {old}" in out, out
+    assert find_runs(runs, "finetune-lora") == [old] and run_status(old)[0] == "finished"

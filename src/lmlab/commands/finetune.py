@@ -8,6 +8,7 @@ import sys
 
 from lmlab.config import build_config, load_config, merge, parse_override
 from lmlab.recipes import is_finetune_recipe
+from lmlab.runs.menu import interactive, resume_or_new
 
 EPILOG = """examples:
   lmlab finetune --from runs/tiny/20261123-101500 --data faq.jsonl --method lora
@@ -30,7 +31,8 @@ data (JSONL, one record per line; the format is read from the keys):
 methods: full (every weight), lora (adapters on a frozen base; `lmlab lora export` makes a
 PEFT adapter, `lmlab lora merge` a full model), dpo / dpo-lora (preference pairs, the
 starting model as reference). Defaults per method: `lmlab config show --preset finetune-lora`.
-A fine-tune is an ordinary run: `lmlab runs`, `eval`, `generate` and `--resume` work on it.
+A fine-tune is an ordinary run: `lmlab runs`, `eval`, `generate` and `--resume` work on it,
+and in a terminal lmlab offers to resume an unfinished fine-tune of the same name (--new: never).
 Docs: docs/finetuning.md."""
 
 METHODS = {  # --method -> (recipe, finetune.method, finetune.objective)
@@ -84,6 +86,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a fine-tuning run")
     parser.add_argument(
+        "--new",
+        action="store_true",
+        help="start a new run without offering to resume one of the same name",
+    )
+    parser.add_argument(
         "--stop-at-step", type=int, metavar="N", help="stop (with a checkpoint) after step N"
     )
     args = parser.parse_args(argv)
@@ -132,7 +139,18 @@ def main(argv: list[str]) -> int:
         if any(o.startswith("train.max_steps=") for o in overrides):  # steps, not epochs
             overrides.insert(2, "finetune.epochs=0")
         cfg = build_config(preset, overrides=overrides)
-        result = finetune(cfg, stop_at_step=args.stop_at_step, log=_log, live=live)
+        choice = resume_or_new(cfg) if not args.new and interactive() else None
+        if choice == "quit":
+            return 1
+        if choice is not None:  # the saved config, with this command line's overrides
+            saved = load_config(f"{choice}/config.yaml")
+            for text in args.overrides:
+                saved = merge(saved, parse_override(text))
+            result = finetune(
+                saved, resume=choice, stop_at_step=args.stop_at_step, log=_log, live=live
+            )
+        else:
+            result = finetune(cfg, stop_at_step=args.stop_at_step, log=_log, live=live)
     if os.environ.get("RANK", "0") == "0":
         print(f"run folder: {result.run_dir}")
     return 130 if result.interrupted and args.stop_at_step is None else 0
