@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "plan": "Estimate parameters, FLOPs, memory, time, cost and loss before training",
     "train": "Train a model (resumable; CPU, MPS or CUDA)",
     "finetune": "Fine-tune a model on your data: full, LoRA or DPO (lmlab runs or HF models)",
+    "export": "Export a run as a Hugging Face folder that transformers loads unchanged",
     "lora": "Export a LoRA fine-tune as a PEFT adapter, or merge it into a full model",
     "bench": "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
     "runs": "List, show, compare, delete and clean up training runs",
