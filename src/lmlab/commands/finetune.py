@@ -113,20 +113,10 @@ def main(argv: list[str]) -> int:
     from lmlab.finetune.task import finetune  # torch is imported only when training
 
     live = sys.stdout.isatty()
-    if args.resume:
-        if args.preset:
-            parser.error(
-                "--resume continues a run with its saved config; --preset cannot change it"
-            )
-        cfg = load_config(f"{args.resume}/config.yaml")
-        if cfg.finetune.base == "":
-            parser.error(f"{args.resume} is not a fine-tuning run: use `lmlab train --resume`")
-        for text in overrides:
-            cfg = merge(cfg, parse_override(text))
-        result = finetune(
-            cfg, resume=args.resume, stop_at_step=args.stop_at_step, log=_log, live=live
-        )
-    else:
+    resume = args.resume
+    if resume and args.preset:
+        parser.error("--resume continues a run with its saved config; --preset cannot change it")
+    if not resume:
         if not args.source or not args.data:
             parser.error("--from SOURCE and --data DATA are required (or --resume RUN_DIR)")
         recipe, method, objective = METHODS[args.method]
@@ -135,22 +125,20 @@ def main(argv: list[str]) -> int:
             parser.error(
                 f"--preset {preset} is not a fine-tuning recipe (finetune-full, finetune-lora, ...)"
             )
-        overrides[:0] = [f"finetune.method={method}", f"finetune.objective={objective}"]
+        settings = [f"finetune.method={method}", f"finetune.objective={objective}"]
         if any(o.startswith("train.max_steps=") for o in overrides):  # steps, not epochs
-            overrides.insert(2, "finetune.epochs=0")
-        cfg = build_config(preset, overrides=overrides)
-        choice = resume_or_new(cfg) if not args.new and interactive() else None
-        if choice == "quit":
+            settings.append("finetune.epochs=0")
+        cfg = build_config(preset, overrides=[*settings, *overrides])
+        resume = resume_or_new(cfg) if not args.new and interactive() else None
+        if resume == "quit":
             return 1
-        if choice is not None:  # the saved config, with this command line's overrides
-            saved = load_config(f"{choice}/config.yaml")
-            for text in args.overrides:
-                saved = merge(saved, parse_override(text))
-            result = finetune(
-                saved, resume=choice, stop_at_step=args.stop_at_step, log=_log, live=live
-            )
-        else:
-            result = finetune(cfg, stop_at_step=args.stop_at_step, log=_log, live=live)
+    if resume:  # the saved config, with this command line's overrides
+        cfg = load_config(f"{resume}/config.yaml")
+        if cfg.finetune.base == "":
+            parser.error(f"{resume} is not a fine-tuning run: use `lmlab train --resume`")
+        for text in overrides:
+            cfg = merge(cfg, parse_override(text))
+    result = finetune(cfg, resume=resume, stop_at_step=args.stop_at_step, log=_log, live=live)
     if os.environ.get("RANK", "0") == "0":
         print(f"run folder: {result.run_dir}")
     return 130 if result.interrupted and args.stop_at_step is None else 0

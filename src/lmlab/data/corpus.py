@@ -118,7 +118,7 @@ class Corpus:
 
     def _resolve(self, spec: str) -> None:
         if spec.startswith("dsl:"):
-            self._parse_dsl(spec)  # validate now, fail before any work
+            parse_dsl_spec(spec)  # validate now, fail before any work
             self.specials.append(spec)
             return
         if spec.startswith("hf:"):
@@ -153,26 +153,6 @@ class Corpus:
             self.files.extend(found)
         else:
             raise UserError(f"{spec}: no such file or folder")
-
-    @staticmethod
-    def _parse_dsl(spec: str) -> tuple[str, int, str]:
-        from lmlab.data.dsl import get_language
-
-        parts = spec.split(":")
-        if len(parts) > 4:
-            raise UserError(f"bad corpus {spec!r}: expected dsl:NAME[:PROGRAMS[:DIFFICULTY]]")
-        name = parts[1]
-        get_language(name)  # raises UserError listing the valid names
-        try:
-            n = int(parts[2]) if len(parts) > 2 and parts[2] else DEFAULT_DSL_PROGRAMS
-        except ValueError:
-            raise UserError(
-                f"bad program count in {spec!r}: expected e.g. dsl:{name}:20000"
-            ) from None
-        if n <= 0:
-            raise UserError(f"bad program count in {spec!r}: must be positive")
-        difficulty = parts[3] if len(parts) > 3 else DEFAULT_DSL_DIFFICULTY
-        return name, n, difficulty
 
     def total_file_bytes(self) -> int | None:
         """Bytes on disk of the file inputs (None when streamed inputs make it unknown)."""
@@ -224,7 +204,7 @@ class Corpus:
 
     def _special_documents(self, spec: str) -> Iterator[Document]:
         if spec.startswith("dsl:"):
-            yield from _dsl_documents(*self._parse_dsl(spec), seed=self.seed)
+            yield from _dsl_documents(*parse_dsl_spec(spec), seed=self.seed)
         else:
             yield from _hf_documents(spec[3:], self.hf_config, self.hf_split, self.text_field)
 
@@ -276,3 +256,22 @@ def _hf_documents(name: str, config: str | None, split: str, text_field: str) ->
             )
         if value:
             yield Document(value)
+
+
+def parse_dsl_spec(spec: str) -> tuple[str, int, str]:
+    """`dsl:NAME[:PROGRAMS[:DIFFICULTY]]` -> (name, programs, difficulty), checked."""
+    from lmlab.data.dsl import get_language
+
+    parts = spec.split(":")
+    if len(parts) > 4:
+        raise UserError(f"bad corpus {spec!r}: expected dsl:NAME[:PROGRAMS[:DIFFICULTY]]")
+    name = parts[1]
+    get_language(name)  # raises UserError listing the valid names
+    try:
+        n = int(parts[2]) if len(parts) > 2 and parts[2] else DEFAULT_DSL_PROGRAMS
+    except ValueError:
+        raise UserError(f"bad program count in {spec!r}: expected e.g. dsl:{name}:20000") from None
+    if n <= 0:
+        raise UserError(f"bad program count in {spec!r}: must be positive")
+    difficulty = parts[3] if len(parts) > 3 else DEFAULT_DSL_DIFFICULTY
+    return name, n, difficulty

@@ -23,6 +23,7 @@ from lmlab.data.prepare import prepare
 from lmlab.data.samples import sample_path
 from lmlab.errors import UserError
 from lmlab.experiments.quickstart import DIFFICULTY, LANGUAGE, score
+from lmlab.model.lora import trainable_parameters
 from lmlab.runs.folder import find_runs
 from lmlab.runs.load import build_from_checkpoint
 from lmlab.runs.metrics import read_metrics
@@ -154,12 +155,8 @@ def _costs(run: Path) -> dict:
     history = read_metrics(run)
     steps = [r for r in history if "step_time_s" in r]
     model, _, _, _ = build_from_checkpoint(run, "cpu")
-    adapted = any("lora_" in name for name, _ in model.named_parameters())
-    trainable = sum(
-        p.numel() for name, p in model.named_parameters() if "lora_" in name or not adapted
-    )
     return {
-        "trainable_params": trainable,
+        "trainable_params": trainable_parameters(model),  # adapters only, for a LoRA run
         "step_time_s": statistics.median(r["step_time_s"] for r in steps[1:] or steps),
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steps),
         "val_loss": [r for r in history if "val_loss" in r][-1]["val_loss"],

@@ -46,6 +46,8 @@ def export_hf(
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: --out must name a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty: choose another --out, or pass --overwrite")
     model, tokenizer, cfg, ckpt = build_from_checkpoint(spec, quantized=False)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from lmlab.data.corpus import Corpus
+from lmlab.data.corpus import parse_dsl_spec
 from lmlab.data.dsl import format_prompt, generate_corpus, split_line
 from lmlab.data.prepare import split_of
 from lmlab.data.tokenizer import TextTokenizer
@@ -309,7 +309,7 @@ def dsl_records(spec: str, split: str = "train", seed: int = 0) -> list[PromptCo
     does (the languages split 90/5/5). The prompt is `PROGRAM =>` and the completion
     ` RESULT`, so prompt + completion is the corpus line.
     """
-    name, n_train, difficulty = Corpus._parse_dsl(spec)  # one parser for dsl: specs
+    name, n_train, difficulty = parse_dsl_spec(spec)  # one parser for dsl: specs
     n = n_train if split == "train" else max(100, n_train // 18)
     records = []
     for i, line in enumerate(generate_corpus(name, n, seed, difficulty, split=split)):

@@ -12,6 +12,7 @@ checkpoints  the full weights (full), or the adapters alone with a pointer to th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -80,9 +81,8 @@ class FinetuneTask:
             raise UserError("no fine-tuning data: pass --data FILE.jsonl (or dsl:flowroll)")
         self.source: ModelSource = open_base(cfg)
         f.base_sha256 = self.source.weights_sha256
-        dropout = cfg.model.dropout if cfg.model.family == self.source.model_config.family else 0.0
-        cfg.model = self.source.model_config
-        cfg.model.dropout = dropout
+        # The base's architecture; dropout is a training choice (model.dropout, default 0).
+        cfg.model = dataclasses.replace(self.source.model_config, dropout=cfg.model.dropout)
         if cfg.train.seq_len > cfg.model.context_length:
             raise UserError(
                 f"train.seq_len={cfg.train.seq_len} is longer than the base model's context "

@@ -181,23 +181,3 @@ def quantize_base(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
             saved += _linear_bytes(module.base) - quantized.weight_bytes()
             module.base = quantized
     return saved
-
-
-def quantize_linears(model: nn.Module, targets: tuple[str, ...] | list[str]) -> int:
-    """Replace every plain nn.Linear whose leaf name is in `targets` by a frozen NF4Linear.
-
-    For inference or a frozen model without adapters; the output layer (lm_head) is never
-    quantized, since it may share its matrix with the token embedding. Returns bytes saved.
-    """
-    saved = 0
-    chosen = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.rpartition(".")[2] in targets and name != "lm_head"
-    ]
-    for name, linear in chosen:
-        parent, _, leaf = name.rpartition(".")
-        quantized = NF4Linear.from_linear(linear)
-        saved += _linear_bytes(linear) - quantized.weight_bytes()
-        setattr(model.get_submodule(parent), leaf, quantized)
-    return saved

@@ -19,7 +19,7 @@ import torch
 
 from lmlab.config import build_config
 from lmlab.model.build import build_model
-from lmlab.model.lora import apply_lora
+from lmlab.model.lora import apply_lora, trainable_parameters
 from lmlab.model.quant import quantize_base
 from lmlab.runs.device import (
     current_memory,
@@ -135,7 +135,7 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
         "precision": precision_name(amp_dtype),
         "compile": t.compile,
         "method": cfg.finetune.method,
-        "trainable_params": sum(p.numel() for p in engine.model.parameters() if p.requires_grad),
+        "trainable_params": trainable_parameters(engine.model),
         "warmup_steps": warmup,
         "warmup_s": warmup_s,
         "steps": steps,
