@@ -6,6 +6,8 @@ to the wrong place would change the logits.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,16 +79,45 @@ def test_from_hf_logits_match(name, idx):
     )
     hf_model = hf_class(hf_config).eval()
     randomize(hf_model, seed=0)
+    if not make_config(name).bias and hf_config.model_type == "gpt2":
+        zero_biases(hf_model)  # what a bias-free lmlab GPT-2 looks like in HF
     model = from_hf(hf_model)
     diff = (our_logits(model, idx) - hf_logits(hf_model, idx)).abs().max().item()
     assert diff < 1e-5
-    # The architecture survives the round trip; ffn_multiple_of is ours alone (d_ff is explicit)
-    # and HF GPT-2 always has biases.
+    # The architecture survives the round trip (ffn_multiple_of is ours alone: d_ff is
+    # explicit), a bias-free GPT-2 included.
     expected = make_config(name)
-    expected.bias = True if expected.family == "gpt2" else expected.bias
     assert model.config.to_dict() | {"ffn_multiple_of": 0} == expected.to_dict() | {
         "ffn_multiple_of": 0
     }
+
+
+@torch.no_grad()
+def zero_biases(module: torch.nn.Module) -> None:
+    for name, param in module.named_parameters():
+        if name.endswith(".bias"):
+            param.zero_()
+
+
+def test_bias_free_gpt2_survives_a_saved_round_trip(tmp_path, idx):
+    from lmlab.errors import UserError
+    from lmlab.model.hf import from_hf_config
+
+    model = build_model(make_config("gpt2-no-bias"))
+    randomize(model, seed=1)
+    to_hf(model).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["lmlab_bias"] is False
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    back = from_hf(reloaded)
+    assert back.config.bias is False
+    assert not any(name.endswith(".bias") for name, _ in back.named_parameters())
+    assert (our_logits(model, idx) - our_logits(back, idx)).abs().max().item() == 0
+    # A folder's config is read before its weights (runs/source.py): same answer.
+    assert from_hf_config(transformers.AutoConfig.from_pretrained(tmp_path)).bias is False
+    # Biases that are not zero contradict "lmlab_bias": false: refused, not dropped.
+    randomize(reloaded, seed=2)
+    with pytest.raises(UserError, match="cannot hold"):
+        from_hf(reloaded)
 
 
 def test_tied_weights_stay_tied_both_ways():

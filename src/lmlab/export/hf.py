@@ -9,7 +9,8 @@
 
 The export checks itself before the folder appears: it reloads the written files with
 `transformers`, compares the logits with lmlab's on a fixed input and refuses (writing
-nothing) when an fp32 export differs by more than 1e-4. A LoRA run is exported merged.
+nothing) when an fp32 export differs by more than 1e-4. A LoRA run is exported merged, when
+asked to (`merge_lora=True`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ MAX_FP32_DIFFERENCE = 1e-4
 
 
 def export_hf(
-    spec: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: bool = False
+    spec: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    merge_lora: bool = False,
 ) -> dict[str, Any]:
     """Write a run's newest checkpoint (or a checkpoint) as a Hugging Face folder; returns
-    where it wrote and the largest logit difference measured on reloading it."""
+    where it wrote and the largest logit difference measured on reloading it.
+
+    A LoRA run needs `merge_lora=True`: the folder then holds base + adapters folded into
+    plain weights (for the adapters alone, as PEFT reads them, see export/peft.py)."""
     try:
         import transformers
     except ImportError:
@@ -40,7 +49,8 @@ def export_hf(
             "exporting to Hugging Face needs transformers: pip install 'lmlab[hf]'"
         ) from None
     from lmlab.model.hf import to_hf
-    from lmlab.model.lora import lora_modules, merge_lora
+    from lmlab.model.lora import lora_modules
+    from lmlab.model.lora import merge_lora as merge_lora_into
     from lmlab.runs.load import build_from_checkpoint
 
     if dtype not in EXPORT_DTYPES:
@@ -52,7 +62,13 @@ def export_hf(
         raise UserError(f"{out} exists and is not empty: choose another --out, or pass --overwrite")
     model, tokenizer, cfg, ckpt = build_from_checkpoint(spec, quantized=False)
     if lora_modules(model):
-        model = merge_lora(model).eval()  # a plain model: base + adapters folded in
+        if not merge_lora:
+            raise UserError(
+                f"{ckpt} is a {cfg.finetune.method} fine-tune (adapters on a base model): pass "
+                "--merge-lora to fold them into the weights, or use `lmlab lora export` for a "
+                "PEFT adapter"
+            )
+        model = merge_lora_into(model).eval()  # a plain model: base + adapters folded in
     hf_model = to_hf(model)
     eot, pad = (
         tokenizer.eot_id,

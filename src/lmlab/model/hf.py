@@ -5,7 +5,8 @@ drift apart. Differences the table absorbs:
 - HF GPT-2 uses Conv1D, whose weight is stored (in, out): the transpose of nn.Linear's.
   Its q/k/v projection is fused as `c_attn` in q, k, v order, the same as ours.
 - HF GPT-2 always has biases. A bias-free lmlab GPT-2 exports with zero biases, which
-  compute the same function (and imports back as bias=True).
+  compute the same function, and `"lmlab_bias": false` in its config.json, so it imports
+  back as bias=False (its zero biases checked and dropped).
 - LLaMA needs no permutation: our RoPE uses HF's rotate_half layout.
 
 transformers is imported inside the functions: it is an optional dependency, and slow
@@ -86,6 +87,9 @@ def to_hf_config(cfg: ModelConfig) -> Any:
             layer_norm_epsilon=cfg.norm_eps,
             initializer_range=cfg.init_std,
             tie_word_embeddings=cfg.tie_embeddings,
+            # GPT2Config has no switch for biases; transformers keeps unknown keys in
+            # config.json, so a bias-free model says so there (absent means biases).
+            **({} if cfg.bias else {"lmlab_bias": False}),
             **special_tokens,
         )
     return transformers.LlamaConfig(
@@ -133,7 +137,7 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
             d_ff=hf_config.n_inner or 4 * hf_config.n_embd,
             norm_eps=float(hf_config.layer_norm_epsilon),
             dropout=float(hf_config.resid_pdrop),
-            bias=True,
+            bias=bool(getattr(hf_config, "lmlab_bias", True)),
             tie_embeddings=tied,
             init_std=float(hf_config.initializer_range),
         )
@@ -221,6 +225,14 @@ def from_hf(hf_model: Any) -> nn.Module:
             f"HF model lacks {missing[0]!r}: pass the causal LM "
             "(GPT2LMHeadModel / LlamaForCausalLM), not the bare transformer"
         )
+    used = {hf for _, hf, _ in pairs}
+    for name, tensor in theirs.items():
+        # A bias-free GPT-2 comes back from HF with zero biases, which we drop; anything
+        # else the table does not read would be lost, so it is an error.
+        if name not in used and not (name.endswith(".bias") and not cfg.bias and not tensor.any()):
+            if name.endswith(".attn.bias") or name.endswith(".attn.masked_bias"):
+                continue  # old GPT-2 checkpoints keep the causal mask as a buffer
+            raise UserError(f"HF model has {name!r}, which lmlab's {cfg.family} cannot hold")
     model = build_model(cfg)
     ours = {name: theirs[hf].T if transposed else theirs[hf] for name, hf, transposed in pairs}
     model.load_state_dict(ours, strict=True)

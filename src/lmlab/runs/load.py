@@ -1,13 +1,16 @@
-"""Loading a model back from a run folder or checkpoint: what eval, generate and export need."""
+"""Loading a model back from a run folder or checkpoint: what eval, generate and export need;
+`load_model` also takes Hugging Face folders, for predict, compare, eval tasks and chat."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmlab.config import Config
-from lmlab.data.tokenizer import load_tokenizer
+from lmlab.data.chat import read_chat_template
+from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
 from lmlab.model.lora import LoRAConfig, apply_lora
@@ -66,3 +69,39 @@ def build_from_checkpoint(
     model.to(device).eval()
     tokenizer = load_tokenizer(resolved.path / "tokenizer.json")
     return model, tokenizer, resolved.config, resolved.path
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate or score, wherever it came from."""
+
+    model: torch.nn.Module
+    """In eval mode, on the requested device."""
+    tokenizer: TextTokenizer
+    path: Path
+    """The checkpoint folder (lmlab) or model folder (Hugging Face)."""
+    kind: str
+    """"lmlab" or "hf"."""
+    chat_template: str | None = None
+    """Jinja chat template the model was tuned with (None: lmlab's default layout)."""
+    template_vars: dict[str, str] = field(default_factory=dict)
+    """Special-token strings the template may use (bos_token, eos_token, ...)."""
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """An lmlab run, checkpoint or LoRA run, or a Hugging Face folder (an `lmlab export`
+    among them) or Hub name, as one model for predict, eval tasks, compare and chat."""
+    path = Path(spec)
+    if path.exists() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        source = open_source(path)
+        model = build_model(source.model_config)
+        source.load_into(model)
+        template, variables = read_chat_template(path)
+        return LoadedModel(
+            model.to(device).eval(), source.tokenizer, path, "hf", template, variables
+        )
+    if not path.exists() and str(spec).count("/") == 1 and not str(spec).startswith((".", "~")):
+        return load_model(open_source(spec).path, device)  # a Hub name: download, then as above
+    model, tokenizer, _, ckpt = build_from_checkpoint(spec, device)
+    template, variables = read_chat_template(ckpt)
+    return LoadedModel(model, tokenizer, ckpt, "lmlab", template, variables)
