@@ -17,6 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from tokenizers import Tokenizer
+
+from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import UserError
 
 Role = Literal["system", "user", "assistant"]
@@ -202,3 +205,39 @@ def read_chat_template(directory: str | Path) -> tuple[str | None, dict[str, str
     if jinja_file.is_file():
         template = jinja_file.read_text(encoding="utf-8")
     return (template if isinstance(template, str) else None), variables
+
+
+class PieceEncoder:
+    """Encodes pieces; special-token strings become ids only in pieces marked special."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+        self._parsing: Tokenizer | None = None
+
+    def __call__(self, piece: Piece) -> list[int]:
+        if not piece.special:
+            return self.tokenizer.encode(piece.text)  # special-token strings stay plain text
+        if self._parsing is None:
+            # A copy that reads special tokens, as transformers does with rendered templates
+            # (TextTokenizer turns that off for user text; a fresh Tokenizer has it on).
+            self._parsing = Tokenizer.from_str(self.tokenizer.to_json())
+        return self._parsing.encode(piece.text, add_special_tokens=False).ids
+
+
+def chat_prompt_ids(
+    messages: Sequence[Message],
+    tokenizer: TextTokenizer,
+    chat_template: str | None = None,
+    template_vars: Mapping[str, str] | None = None,
+) -> list[int]:
+    """Token ids of a conversation ready for the assistant's reply, tokenized exactly as
+    fine-tuning tokenizes the turns before a reply (so the model sees what it learned)."""
+    if chat_template is None:
+        pieces = [*default_chat_pieces(messages), Piece("<|assistant|>\n", False, special=True)]
+    else:
+        text = render_chat(
+            messages, chat_template, add_generation_prompt=True, template_vars=template_vars
+        )
+        pieces = [Piece(text, False, special=True)]
+    encode = PieceEncoder(tokenizer)
+    return [i for piece in pieces for i in encode(piece)]

@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from lmlab.data.chat import (  # noqa: F401  (re-exported: the chat layout is part of this API)
     DEFAULT_CHAT_TEMPLATE,
@@ -47,6 +46,7 @@ from lmlab.data.chat import (  # noqa: F401  (re-exported: the chat layout is pa
     ROLES,
     Message,
     Piece,
+    PieceEncoder,
     default_chat_pieces,
     jinja_chat_pieces,
     read_chat_template,
@@ -407,23 +407,6 @@ def pad_id_for(tokenizer: TextTokenizer) -> int:
     never seen by them.
     """
     return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
-
-
-class PieceEncoder:
-    """Encodes pieces; special-token strings become ids only in pieces marked special."""
-
-    def __init__(self, tokenizer: TextTokenizer):
-        self.tokenizer = tokenizer
-        self._parsing: Tokenizer | None = None
-
-    def __call__(self, piece: Piece) -> list[int]:
-        if not piece.special:
-            return self.tokenizer.encode(piece.text)  # special-token strings stay plain text
-        if self._parsing is None:
-            # A copy that reads special tokens, as transformers does with rendered templates
-            # (TextTokenizer turns that off for user text; a fresh Tokenizer has it on).
-            self._parsing = Tokenizer.from_str(self.tokenizer.to_json())
-        return self._parsing.encode(piece.text, add_special_tokens=False).ids
 
 
 def _pieces(
