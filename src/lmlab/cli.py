@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "bench": "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
     "runs": "List, show, compare, delete and clean up training runs",
     "eval": "Evaluate a checkpoint: val loss, perplexity, bits per byte",
+    "score": "Score a predictions file: exact match, F1, ROUGE, BLEU, chrF, execution accuracy",
     "generate": "Generate text from a checkpoint, streaming to the terminal",
 }
 
