@@ -29,7 +29,9 @@ COMMANDS: dict[str, str] = {
     "bench": "Measure training tokens/s, step time, MFU and peak memory of a preset, as JSON",
     "runs": "List, show, compare, delete and clean up training runs",
     "eval": "Evaluate a checkpoint: val loss, perplexity, bits per byte",
+    "predict": "Generate predictions for a JSONL file or practice language, in batches",
     "score": "Score a predictions file: exact match, F1, ROUGE, BLEU, chrF, execution accuracy",
+    "compare": "Compare two models on one task (predict + score both): before/after a fine-tune",
     "generate": "Generate text from a checkpoint, streaming to the terminal",
 }
 

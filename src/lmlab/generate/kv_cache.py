@@ -71,6 +71,12 @@ class KVCache:
             self.seq_len = end
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (1-D indices), in that order: a batch whose
+        finished sequences are dropped stops spending compute on them."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
     def reset(self) -> None:
         """Forget the cached positions (the buffers are overwritten, not freed)."""
         self.seq_len = 0

@@ -41,7 +41,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache=None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, d_model)
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, d_model)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -49,7 +51,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_head, S, head_dim), S = past + T
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d_model): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -78,8 +80,10 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv_cache)
+    def forward(
+        self, x: torch.Tensor, kv_cache=None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), kv_cache, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -125,10 +129,20 @@ class GPT2(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache=None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean
-        cross-entropy over positions whose target is not -100."""
+        cross-entropy over positions whose target is not -100.
+
+        positions (B, T) and attn_mask (B, 1, T, S) are for batches of left-padded prompts
+        (lmlab.generate.batch): each row's own positions, and which keys each query reads.
+        By default positions continue the cache and attention is causal."""
         B, T = idx.shape
         past = kv_cache.seq_len if kv_cache is not None else 0  # positions already cached
         if past + T > self.config.context_length:
@@ -136,10 +150,11 @@ class GPT2(nn.Module):
                 f"sequence of {past + T} positions exceeds context_length "
                 f"{self.config.context_length}"
             )
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, d_model)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, d_model)
         for block in self.blocks:
-            x = block(x, kv_cache)
+            x = block(x, kv_cache, attn_mask)
         x = self.final_norm(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None

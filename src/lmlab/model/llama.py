@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (T, head_dim), for the given absolute positions (T,).
+    """cos and sin tables, each (..., T, head_dim), for absolute positions (..., T).
 
     Dimension pair (i, i + head_dim/2) rotates by angle position * theta^(-2i/head_dim).
     Computed per forward in fp32 (cheap next to the matmuls) rather than kept as a buffer,
@@ -55,8 +55,8 @@ def rope_cos_sin(
     """
     exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)  # (head_dim/2,)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim): both halves of each pair
+    angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, head_dim): both halves of each pair
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -105,7 +105,12 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache=None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, d_model)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -118,7 +123,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
         n_rep = self.n_head // self.n_kv_head
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_head, S, head_dim)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, d_model): heads side by side
         return self.resid_dropout(self.o_proj(y))
 
@@ -149,9 +154,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache=None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -195,10 +205,20 @@ class Llama(nn.Module):
             nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, kv_cache=None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache=None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean
-        cross-entropy over positions whose target is not -100."""
+        cross-entropy over positions whose target is not -100.
+
+        positions (B, T) and attn_mask (B, 1, T, S) are for batches of left-padded prompts
+        (lmlab.generate.batch): each row's own positions, and which keys each query reads.
+        By default positions continue the cache and attention is causal."""
         B, T = idx.shape
         past = kv_cache.seq_len if kv_cache is not None else 0  # positions already cached
         if past + T > self.config.context_length:
@@ -207,10 +227,13 @@ class Llama(nn.Module):
                 f"{self.config.context_length}"
             )
         x = self.drop(self.tok_emb(idx))  # (B, T, d_model)
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device)  # (T,)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if cos.dim() == 3:  # per-row positions: (B, T, head_dim) -> (B, 1, T, head_dim)
+            cos, sin = cos[:, None], sin[:, None]
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, attn_mask)
         x = self.final_norm(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
