@@ -16,11 +16,19 @@ ended rows are dropped from the batch and the cache, and the batch ends when eve
 has. With temperature 0 a row's tokens are the tokens `lmlab.generate.sampling.generate`
 gives for its prompt alone (tested): the only difference is in which matmul shapes
 compute the same sums.
+
+Speed on a CPU: a decoding step multiplies a few rows (one per prompt) by every weight
+matrix. MKL does that about twice as fast when the (out, in) weight is stored column-major,
+i.e. as the transpose of an (in, out) contiguous matrix (measured: 8 rows x 384 -> 8192,
+0.70 ms row-major, 0.32 ms column-major; one row, or a long prefill, about the same either
+way). So while a CPU batch of several prompts runs, each nn.Linear weight is re-laid out in
+place (same values, same shape, other strides) and put back afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -102,10 +110,11 @@ def generate_batch(
     if seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(seed)
     stops = frozenset(stop_token_ids)
+    several_rows = min(size, len(prompts)) > 1
     was_training = model.training
     model.eval()  # dropout off
     try:
-        with torch.inference_mode():
+        with column_major_linears(model, several_rows), torch.inference_mode():
             for start in range(0, len(order), size):
                 rows = order[start : start + size]
                 outputs = _generate_rows(
@@ -125,6 +134,25 @@ def generate_batch(
     finally:
         model.train(was_training)
     return results
+
+
+@contextlib.contextmanager
+def column_major_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Store every nn.Linear weight of a CPU model column-major inside the block (see the
+    module docstring), row-major again after it, even on error. Values never change."""
+    weights = {}
+    if enabled:
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if type(module) is nn.Linear and w.device.type == "cpu" and w.is_contiguous():
+                weights[id(w)] = w  # a tied weight once
+    for w in weights.values():
+        w.data = w.data.t().contiguous().t()  # (out, in) view of an (in, out) matrix
+    try:
+        yield
+    finally:
+        for w in weights.values():
+            w.data = w.data.contiguous()
 
 
 def _generate_rows(
