@@ -275,7 +275,7 @@ def percentile_interval(samples: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _bootstrap(
+def bootstrap_resamples(
     means: dict[str, np.ndarray],
     corpus: dict[str, tuple[CorpusMetric, np.ndarray]],
     n: int,
@@ -395,7 +395,7 @@ def score_records(
     for name, (metric, stats) in statistics.items():
         values[name] = metric.corpus_score(stats.sum(axis=0))
     resamples = (
-        _bootstrap(
+        bootstrap_resamples(
             {k: per_record[k] for k in names if k not in statistics}, statistics, n, bootstrap, seed
         )
         if bootstrap
