@@ -228,3 +228,57 @@ def test_an_exported_folder_scores_like_the_run_and_like_transformers(run, tmp_p
             theirs = sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids)))
             assert a == pytest.approx(theirs, abs=1e-4)
             assert b == pytest.approx(theirs, abs=1e-4)
+
+
+LM_EVAL_TASK = """task: lmlab_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_model_agrees_on_an_exported_folder(run, tmp_path):
+    """The command docs/evaluation.md gives, run as is on an `lmlab export` folder."""
+    import os
+    import shutil
+    import subprocess
+
+    pytest.importorskip("lm_eval")
+    from lmlab.export.hf import export_hf
+    from lmlab.generate.predict import read_inputs
+
+    export_hf(run, tmp_path / "hf")
+    # A FLOWROLL task: the right result among three others; one long context truncates.
+    records = read_inputs("dsl:flowroll:24:1-2")
+    rows = []
+    for i, r in enumerate(records):
+        others = [x["reference"] for x in records if x["reference"] != r["reference"]]
+        choices = [" " + c for c in [r["reference"], *others[i % 5 : i % 5 + 2]]]
+        rows.append({"context": r["prompt"], "choices": choices[i % 3 :] + choices[: i % 3]})
+        rows[-1]["label"] = rows[-1]["choices"].index(" " + r["reference"])
+    data = write(tmp_path / "mc.jsonl", rows)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "lmlab_mc.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    command = [shutil.which("lm_eval") or "lm_eval", "--model", "hf", "--model_args"]
+    command += [f"pretrained={tmp_path / 'hf'}", "--tasks", "lmlab_mc", "--include_path"]
+    command += [str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "4"]
+    command += ["--output_path", str(tmp_path / "results")]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=600)
+    [results] = list((tmp_path / "results").rglob("results_*.json"))
+    theirs = json.loads(results.read_text())["results"]["lmlab_mc"]
+    ours = score_task(load_model(run), read_task(data), bootstrap=0).aggregates
+    assert theirs["acc,none"] == pytest.approx(ours["accuracy"].value, abs=1e-9)
+    assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm"].value, abs=1e-9)
+    assert 0 < ours["accuracy"].value < 1 or 0 < ours["acc_norm"].value < 1
