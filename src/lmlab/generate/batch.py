@@ -17,23 +17,18 @@ has. With temperature 0 a row's tokens are the tokens `lmlab.generate.sampling.g
 gives for its prompt alone (tested): the only difference is in which matmul shapes
 compute the same sums.
 
-Speed on a CPU: a decoding step multiplies a few rows (one per prompt) by every weight
-matrix. MKL does that about twice as fast when the (out, in) weight is stored column-major,
-i.e. as the transpose of an (in, out) contiguous matrix (measured: 8 rows x 384 -> 8192,
-0.70 ms row-major, 0.32 ms column-major; one row, or a long prefill, about the same either
-way). So while a CPU batch of several prompts runs, each nn.Linear weight is re-laid out in
-place (same values, same shape, other strides) and put back afterwards.
+Weights are laid out for decoding meanwhile (lmlab.generate.inference).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from lmlab.errors import UserError
+from lmlab.generate.inference import inference_weights
 from lmlab.generate.kv_cache import KVCache
 from lmlab.generate.sampling import top_k_filter, top_p_filter
 
@@ -114,7 +109,7 @@ def generate_batch(
     was_training = model.training
     model.eval()  # dropout off
     try:
-        with column_major_linears(model, several_rows), torch.inference_mode():
+        with inference_weights(model, several_rows), torch.inference_mode():
             for start in range(0, len(order), size):
                 rows = order[start : start + size]
                 outputs = _generate_rows(
@@ -134,25 +129,6 @@ def generate_batch(
     finally:
         model.train(was_training)
     return results
-
-
-@contextlib.contextmanager
-def column_major_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Store every nn.Linear weight of a CPU model column-major inside the block (see the
-    module docstring), row-major again after it, even on error. Values never change."""
-    weights = {}
-    if enabled:
-        for module in model.modules():
-            w = getattr(module, "weight", None)
-            if type(module) is nn.Linear and w.device.type == "cpu" and w.is_contiguous():
-                weights[id(w)] = w  # a tied weight once
-    for w in weights.values():
-        w.data = w.data.t().contiguous().t()  # (out, in) view of an (in, out) matrix
-    try:
-        yield
-    finally:
-        for w in weights.values():
-            w.data = w.data.contiguous()
 
 
 def _generate_rows(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import UserError
+from lmlab.generate.inference import inference_weights
 from lmlab.generate.kv_cache import KVCache
 
 
@@ -133,28 +134,29 @@ def _generate(
     was_training = model.training
     model.eval()  # dropout off
     try:
-        kv_cache = None
-        if use_cache:
-            param = next(model.parameters())
-            kv_cache = KVCache.for_config(
-                cfg,
-                max_len=min(cfg.context_length, idx.size(1) + max_new_tokens),
-                dtype=param.dtype,
-                device=param.device,
-            )
-        # What the model reads next: with the cache, only tokens it has not seen (the prompt,
-        # then one token per step); without it, the whole sequence, cropped to the context.
-        next_input = idx if kv_cache is not None else idx[:, -cfg.context_length :]
-        for _ in range(max_new_tokens):
-            logits, _ = model(next_input, kv_cache=kv_cache)  # (1, T, vocab_size)
-            token = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
-            yield token
-            if token in stop_token_ids:
-                return
-            new = torch.tensor([[token]], dtype=idx.dtype, device=idx.device)  # (1, 1)
-            if kv_cache is not None:
-                next_input = new
-            else:
-                next_input = torch.cat((next_input, new), dim=1)[:, -cfg.context_length :]
+        with inference_weights(model, several_rows=False):
+            kv_cache = None
+            if use_cache:
+                param = next(model.parameters())
+                kv_cache = KVCache.for_config(
+                    cfg,
+                    max_len=min(cfg.context_length, idx.size(1) + max_new_tokens),
+                    dtype=param.dtype,
+                    device=param.device,
+                )
+            # What the model reads next: with the cache, only tokens it has not seen (the prompt,
+            # then one token per step); without it, the whole sequence, cropped to the context.
+            next_input = idx if kv_cache is not None else idx[:, -cfg.context_length :]
+            for _ in range(max_new_tokens):
+                logits, _ = model(next_input, kv_cache=kv_cache)  # (1, T, vocab_size)
+                token = sample_next_token(logits[0, -1], temperature, top_k, top_p, generator)
+                yield token
+                if token in stop_token_ids:
+                    return
+                new = torch.tensor([[token]], dtype=idx.dtype, device=idx.device)  # (1, 1)
+                if kv_cache is not None:
+                    next_input = new
+                else:
+                    next_input = torch.cat((next_input, new), dim=1)[:, -cfg.context_length :]
     finally:
         model.train(was_training)

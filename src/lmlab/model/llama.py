@@ -38,10 +38,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32, as Meta and HF do: a mean of squares in bf16 loses precision.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x / sqrt(mean(x^2) + eps), PyTorch's one-call form of it.
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -103,6 +101,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, d_kv, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """Generation only (lmlab.generate.inference): q, k, v weights (and biases) stacked,
+        so that one matmul computes all three. Not a parameter: never saved or trained."""
 
     def forward(
         self,
@@ -113,11 +114,17 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape  # (B, T, d_model)
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        # q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # values carry no position
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.fused_qkv is None:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+            # q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # values carry no position
+        else:  # the same, with one matmul and one rotation
+            qkv = F.linear(x, *self.fused_qkv).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            qk = apply_rope(qkv[:, : H + KV], cos, sin)  # (B, H + KV, T, head_dim)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         if kv_cache is not None:
             # The cache keeps rotated keys and only n_kv_head heads: that is GQA's saving.
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
@@ -137,10 +144,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """Generation only, as Attention.fused_qkv: gate and up weights stacked."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, d_ff)
-        return self.dropout(self.down_proj(h))  # (B, T, d_model)
+        if self.fused_gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, d_ff) each
+        else:
+            gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
+        return self.dropout(self.down_proj(F.silu(gate) * up))  # (B, T, d_model)
 
 
 class Block(nn.Module):
