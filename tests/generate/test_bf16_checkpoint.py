@@ -1,0 +1,45 @@
+"""A checkpoint whose weights were saved in bfloat16 (as a bf16 GPU run may save them)
+loads on a CPU as float32 and generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmlab.config import build_config
+from lmlab.generate.predict import PredictOptions, predict, read_inputs
+from lmlab.generate.sampling import generate
+from lmlab.runs.checkpoint import WEIGHTS_FILE
+from lmlab.runs.load import load_model
+from lmlab.train.loop import train
+
+
+def test_bf16_saved_weights_load_as_float32_and_generate(flowroll_data: Path, tmp_path: Path):
+    cfg = build_config(
+        "ultra-tiny",
+        overrides=[
+            f"data.path={flowroll_data}",
+            f"logging.runs_dir={tmp_path}",
+            "model.context_length=64",
+            "train.max_steps=20",
+            "train.device=cpu",
+            "eval.interval=0",
+            "logging.tensorboard=false",
+        ],
+    )
+    run = train(cfg, log=lambda *a, **k: None).run_dir
+    [ckpt] = sorted((run / "checkpoints").iterdir())
+    weights = load_file(ckpt / WEIGHTS_FILE)
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, ckpt / WEIGHTS_FILE)
+    assert all(v.dtype == torch.bfloat16 for v in load_file(ckpt / WEIGHTS_FILE).values())
+
+    loaded = load_model(run, "cpu")
+    for name, p in loaded.model.state_dict().items():
+        assert p.dtype == torch.float32, name
+        assert torch.equal(p, weights[name].to(torch.bfloat16).float()), name
+    prompt = torch.tensor([loaded.tokenizer.encode("[1 2] | sort =>")])
+    assert len(list(generate(loaded.model, prompt, 8, temperature=0.0))) == 8
+    [row] = predict(loaded, read_inputs("dsl:flowroll:1"), PredictOptions(max_new_tokens=8))
+    assert isinstance(row["prediction"], str)
