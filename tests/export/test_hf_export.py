@@ -90,3 +90,47 @@ def test_export_refuses_in_one_line_and_writes_nothing(flowroll_data, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     result = export_hf(run, tmp_path / "bf16", dtype="bf16")
     assert result["max_logit_difference"] < 0.1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_exported_generation_is_our_greedy_generation_and_stops_at_end_of_text(
+    family, flowroll_data, tmp_path
+):
+    from lmlab.generate.predict import read_inputs
+    from lmlab.generate.sampling import generate
+
+    cfg = build_config(
+        "ultra-tiny",
+        overrides=[
+            f"data.path={flowroll_data}",
+            f"logging.runs_dir={tmp_path / 'runs'}",
+            f"model.family={family}",
+            "model.context_length=64",
+            "train.micro_batch_size=8",
+            "train.max_steps=150",
+            "train.lr=3e-3",
+            "train.device=cpu",
+            "eval.interval=0",
+            "logging.tensorboard=false",
+        ],
+    )
+    run = train(cfg, log=lambda *a, **k: None).run_dir
+    export_hf(run, tmp_path / "hf")
+    ours, tokenizer, _, _ = build_from_checkpoint(run)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    eot, budget, stopped = tokenizer.eot_id, 30, 0
+    for record in read_inputs("dsl:flowroll:6"):
+        ids = tokenizer.encode(record["prompt"])
+        expected = list(generate(ours, torch.tensor([ids]), budget, 0.0, stop_token_ids=[eot]))
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=budget, do_sample=False)
+        assert out[0, len(ids) :].tolist() == expected, record["prompt"]
+        if expected[-1] == eot:  # transformers stopped there too, by the exported config
+            stopped += 1
+            assert len(expected) < budget
+            text = transformers.pipeline("text-generation", model=model, tokenizer=hf_tok)(
+                record["prompt"], max_new_tokens=budget, do_sample=False
+            )[0]["generated_text"]
+            assert text == record["prompt"] + tokenizer.decode(expected[:-1])
+    assert stopped >= 3  # the check above ran

@@ -161,7 +161,16 @@ def test_exported_folder_and_lora_run_predict_like_the_run(run, tmp_path):
     rows = predict(loaded, records, PredictOptions(max_new_tokens=12, batch_size=4))
     for row in rows:
         expected = one_at_a_time(loaded, loaded.tokenizer.encode(row["prompt"]), 12)
-        assert row["prediction"] == loaded.tokenizer.decode(expected)
+        assert row["prediction"] == cut_at_stop(loaded.tokenizer.decode(expected), ["\n"])[0]
+    # Exported with its adapters merged (only when asked), it predicts the same.
+    with pytest.raises(UserError, match="--merge-lora"):
+        export_hf(lora_run, tmp_path / "lora-hf")
+    assert not (tmp_path / "lora-hf").exists()
+    export_hf(lora_run, tmp_path / "lora-hf", merge_lora=True)
+    merged = predict(load_model(tmp_path / "lora-hf"), records, options)
+    assert [r["prediction"] for r in merged] == [
+        r["prediction"] for r in predict(loaded, records, options)
+    ]
 
 
 def write(path: Path, text: str) -> Path:
