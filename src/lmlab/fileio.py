@@ -26,12 +26,20 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _usual_mode(bits: int) -> int:
+    """The permissions a new file (0o666) or folder (0o777) gets under the process umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return bits & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _usual_mode(0o666))  # mkstemp's file is private (0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -64,6 +72,9 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # mkdtemp makes the folder private (0700); the finished one gets a new folder's usual
+    # permissions, as `mkdir` would give it.
+    os.chmod(tmp, _usual_mode(0o777))
     try:
         yield tmp
     except BaseException:
