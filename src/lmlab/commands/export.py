@@ -36,17 +36,6 @@ FORMATS = ("hf", "gguf")
 DTYPES = {"hf": ("fp32", "bf16", "fp16"), "gguf": ("f32", "f16", "q8_0")}
 
 
-def _quiet_transformers() -> None:
-    """No progress bars from transformers' saving and reloading: the export prints its own
-    one-line result (and a missing transformers is reported by the export itself)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's bar is plain tqdm
-    try:
-        from transformers.utils import logging
-    except ImportError:
-        return
-    logging.disable_progress_bar()
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lmlab export",
@@ -82,7 +71,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    _quiet_transformers()
+    # transformers' GGUF reader draws a plain tqdm bar, which reads this when tqdm is first
+    # imported (the export prints its own one-line result).
+    os.environ.setdefault("TQDM_DISABLE", "1")
     dtype = args.dtype or DTYPES[args.format][0]
     if dtype not in DTYPES[args.format]:
         raise UserError(

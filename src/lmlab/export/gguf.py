@@ -118,6 +118,7 @@ def export_gguf(
         raise UserError(
             "exporting to GGUF needs gguf and transformers: pip install 'lmlab[export]'"
         ) from None
+    from lmlab.model.hf import quiet_transformers
     from lmlab.model.lora import lora_modules
     from lmlab.model.lora import merge_lora as merge_lora_into
     from lmlab.runs.load import build_from_checkpoint
@@ -166,13 +167,15 @@ def export_gguf(
         writer.write_tensors_to_file()
         writer.close()
         _check_read_back(path, tensors, mcfg)
-        difference = _transformers_logit_difference(path, ids, expected)
+        with quiet_transformers():
+            difference = _transformers_logit_difference(path, ids, expected)
         if dtype == "f32" and difference > MAX_F32_DIFFERENCE:
             raise UserError(
                 f"the GGUF model's logits differ from lmlab's by {difference:.2e} "
                 f"(over {MAX_F32_DIFFERENCE:g}); nothing was written. This is a bug: please report it"
             )
-        _check_tokenizer(path, tokenizer)
+        with quiet_transformers():
+            _check_tokenizer(path, tokenizer)
         size_bytes = path.stat().st_size
         os.replace(path, target)
     return {

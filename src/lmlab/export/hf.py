@@ -48,7 +48,7 @@ def export_hf(
         raise UserError(
             "exporting to Hugging Face needs transformers: pip install 'lmlab[hf]'"
         ) from None
-    from lmlab.model.hf import to_hf
+    from lmlab.model.hf import quiet_transformers, to_hf
     from lmlab.model.lora import lora_modules
     from lmlab.model.lora import merge_lora as merge_lora_into
     from lmlab.runs.load import build_from_checkpoint
@@ -95,7 +95,7 @@ def export_hf(
     )
     with torch.no_grad():
         expected = model(ids)[0].float()
-    with atomic_directory(out, overwrite=out.exists()) as tmp:
+    with atomic_directory(out, overwrite=out.exists()) as tmp, quiet_transformers():
         hf_model.to(_TORCH_DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(

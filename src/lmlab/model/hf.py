@@ -15,6 +15,8 @@ to import.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +25,21 @@ from torch import nn
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
 from lmlab.model.config import ModelConfig
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars while transformers saves or loads a local model (a moment's work,
+    inside an lmlab command that prints its own result); put back as they were after."""
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            logging.enable_progress_bar()
 
 
 def param_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:

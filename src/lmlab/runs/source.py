@@ -135,18 +135,13 @@ def _hf_source(path: Path) -> ModelSource:
 def _load_hf_model(path: Path):
     import torch
     import transformers
-    from transformers.utils import logging
 
-    # A local folder loads in a moment: no progress bar on the terminal of `lmlab predict`.
-    bars = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
+    from lmlab.model.hf import quiet_transformers
+
+    with quiet_transformers():
         return transformers.AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, use_safetensors=True
         )
-    finally:
-        if bars:
-            logging.enable_progress_bar()
 
 
 def _download(name: str) -> Path:
