@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "score": "Score a predictions file: exact match, F1, ROUGE, BLEU, chrF, execution accuracy",
     "compare": "Compare two models on one task (predict + score both): before/after a fine-tune",
     "generate": "Generate text from a checkpoint, streaming to the terminal",
+    "chat": "Chat with a chat-tuned model in the terminal (its chat template, streamed replies)",
 }
 
 
