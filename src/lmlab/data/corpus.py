@@ -8,7 +8,11 @@ An input is one of:
   - a built-in practice language: `dsl:flowroll` or `dsl:dimmatch`, optionally
     `dsl:NAME:N` (N training programs) and `dsl:NAME:N:D` (difficulty D, e.g. `1-3`);
   - a Hugging Face dataset: `hf:NAME` (hub, streamed) or `hf:PATH` (a local dataset folder,
-    data files, or a `save_to_disk` folder), read through `datasets`.
+    a `save_to_disk` folder, or one data file: .parquet, .jsonl, .json, .csv, .arrow,
+    .txt), read through `datasets`. A .parquet / .csv / .arrow file or a `save_to_disk`
+    folder is recognised without the `hf:` too. When the dataset has a `validation` (or
+    else a `test`) split besides the one read, it becomes the val split as it is, instead
+    of holding out documents of the train split.
 
 A document is what the end-of-document token separates: a text file (or, with
 `doc_unit="paragraph"`, each paragraph of it), a JSONL record, a dataset row, a program.
@@ -17,9 +21,12 @@ Files that are binary or not UTF-8 are skipped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import os
 import re
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,19 @@ from lmlab.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
+DATA_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
+"""Single data files `hf:FILE` reads, by suffix, and the `datasets` builder for each."""
+DATASET_ONLY_SUFFIXES = (".parquet", ".csv", ".arrow")
+"""Files that can only be datasets: read through `datasets` even without `hf:`."""
+VAL_SPLITS = ("validation", "test")
+HUB_HOST = "huggingface.co"
 DEFAULT_DSL_PROGRAMS = 20_000
 DEFAULT_DSL_DIFFICULTY = "1-3"
 # A run of blank lines ends a paragraph; it stays with the paragraph it ends, so joining the
@@ -135,7 +155,11 @@ class Corpus:
                 f"unknown corpus {spec!r}: built-in corpora are dsl:flowroll and dsl:dimmatch; datasets are hf:NAME"
             )
         path = Path(spec).expanduser()
-        if path.is_file():
+        if (path.is_file() and path.suffix.lower() in DATASET_ONLY_SUFFIXES) or _saved_dataset(
+            path
+        ):
+            self.specials.append(f"hf:{spec}")  # a dataset file or folder, without the hf:
+        elif path.is_file():
             self.files.append(path)
         elif path.is_dir():
             found = sorted(
@@ -144,7 +168,10 @@ class Corpus:
                 if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
             )
             if not found:
-                raise UserError(f"{spec}: no .txt, .md or .jsonl files in this folder")
+                raise UserError(
+                    f"{spec}: no .txt, .md or .jsonl files in this folder (a dataset folder of "
+                    f"parquet or arrow files: pass hf:{spec})"
+                )
             self.files.extend(found)
         elif any(c in spec for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
@@ -221,41 +248,91 @@ def _dsl_documents(name: str, n_train: int, difficulty: str, seed: int) -> Itera
             yield Document(line, split)
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set or the Hub cannot be reached (checked in at most 3 s):
+    Hub lookups should then use only the local cache and fail at once, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and (
+        ((path / "dataset_info.json").is_file() and (path / "state.json").is_file())
+        or (path / "dataset_dict.json").is_file()
+    )
+
+
+@contextlib.contextmanager
+def _datasets_offline(offline: bool) -> Iterator[None]:
+    """`datasets` in offline mode inside the block when `offline` (it reads its flag when
+    it looks a dataset up, so a Hub name that is not cached fails at once)."""
+    import datasets
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+
+
+def _open_hf(name: str, config: str | None, split: str) -> tuple[object, object | None]:
+    """(the split to read, the dataset's own validation split or None) of hf:NAME."""
+    import datasets
+
+    path = Path(name).expanduser()
+    if _saved_dataset(path):
+        dd = datasets.load_from_disk(str(path))
+        if not isinstance(dd, datasets.DatasetDict):
+            return dd, None
+    elif path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(
+                f"hf:{name}: a single data file must be one of {', '.join(DATA_FILE_BUILDERS)}"
+            )
+        if split != "train":
+            raise UserError(f"hf:{name} is one file: it has only a train split, not {split!r}")
+        dd = datasets.load_dataset(builder, data_files=str(path), streaming=True)
+    else:
+        with _datasets_offline(not path.exists() and hub_offline()):
+            dd = datasets.load_dataset(str(path) if path.exists() else name, config, streaming=True)
+    if split not in dd:
+        raise UserError(f"dataset {name} has no split {split!r} (has: {', '.join(dd)})")
+    val = next((dd[v] for v in VAL_SPLITS if v in dd and v != split), None)
+    return dd[split], val
+
+
 def _hf_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[Document]:
     try:
-        import datasets
+        import datasets  # noqa: F401
     except ImportError:
         raise UserError("hf: inputs need the `datasets` package: pip install 'lmlab[hf]'") from None
-    path = Path(name).expanduser()
     try:
-        if (
-            path.is_dir()
-            and (path / "dataset_info.json").is_file()
-            and (path / "state.json").is_file()
-        ):
-            ds = datasets.load_from_disk(str(path))  # a folder written by save_to_disk
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise UserError(f"dataset {name} has no split {split!r} (has: {', '.join(ds)})")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(
-                str(path) if path.exists() else name, config, split=split, streaming=True
-            )
+        train, val = _open_hf(name, config, split)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types: offline, missing repo, bad config
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load dataset {name!r} (split {split!r}): {first}") from None
-    for row in ds:
-        value = row.get(text_field)
-        if not isinstance(value, str):
-            raise UserError(
-                f"dataset {name!r} rows have no text field {text_field!r} "
-                f"(fields: {', '.join(row)}): pass --text-field"
-            )
-        if value:
-            yield Document(value)
+    # The dataset's own validation split, when it has one, is the val split as it is.
+    parts = [(train, None)] if val is None else [(train, "train"), (val, "val")]
+    for ds, given in parts:
+        for row in ds:
+            value = row.get(text_field)
+            if not isinstance(value, str):
+                raise UserError(
+                    f"dataset {name!r} rows have no text field {text_field!r} "
+                    f"(fields: {', '.join(row)}): pass --text-field"
+                )
+            if value:
+                yield Document(value, given)
 
 
 def parse_dsl_spec(spec: str) -> tuple[str, int, str]:

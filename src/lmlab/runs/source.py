@@ -13,21 +13,19 @@ safetensors only: no pickle is ever loaded.
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from torch import nn
 
+from lmlab.data.corpus import hub_offline
 from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.fileio import sha256_file
 from lmlab.model.config import ModelConfig
 from lmlab.runs.checkpoint import load_weights, resolve_checkpoint
 
-HUB_HOST = "huggingface.co"
 HF_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
 
 
@@ -156,12 +154,7 @@ def _download(name: str) -> Path:
         raise UserError(
             "loading from the Hugging Face Hub needs huggingface_hub: pip install 'lmlab[hf]'"
         ) from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline:
-        try:
-            socket.create_connection((HUB_HOST, 443), timeout=3).close()
-        except OSError:
-            offline = True
+    offline = hub_offline()
     try:
         folder = snapshot_download(name, allow_patterns=HF_FILES, local_files_only=offline)
     except Exception as e:  # huggingface_hub raises many kinds; all mean "not available"
