@@ -114,3 +114,66 @@ def test_an_unreachable_hub_fails_at_once(monkeypatch):
     assert seen == [True]
     after = datasets.config.HF_HUB_OFFLINE
     assert after == before  # offline only for that lookup
+
+
+def test_val_input_is_the_whole_val_split(tmp_path: Path, capsys):
+    from lmlab.cli import main as cli_main
+
+    train_text = "\n\n".join(f"training paragraph {i} with words" for i in range(40))
+    val_text = "\n\n".join(f"validation paragraph {i}" for i in range(7))
+    (tmp_path / "train.txt").write_text(train_text)
+    (tmp_path / "val.txt").write_text(val_text)
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(ROWS),
+            "validation": datasets.Dataset.from_list(VAL_ROWS),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "saved"))
+    corpus = Corpus(
+        [str(tmp_path / "train.txt"), "dsl:flowroll:50"],
+        val_inputs=[str(tmp_path / "val.txt"), f"hf:{tmp_path / 'saved'}"],
+    )
+    docs = list(corpus.documents())
+    val = [d.text for d in docs if d.split == "val"]
+    # Every paragraph of val.txt and the dataset's validation split (the one asked for by
+    # hf_val_split; its train split is not read); nothing of the training inputs.
+    paragraphs = [f"validation paragraph {i}" + ("\n\n" if i < 6 else "") for i in range(7)]
+    assert val == [r["text"] for r in VAL_ROWS] + paragraphs  # datasets first, then files
+    train = [d.text for d in docs if d.split == "train"]
+    assert len(train) == 40 + 50  # the practice language's own val programs are left out
+    assert {d.split for d in docs} == {"train", "val"}
+
+    out = tmp_path / "data"
+    argv = [
+        "prepare",
+        "--input",
+        str(tmp_path / "train.txt"),
+        "--val-input",
+        str(tmp_path / "val.txt"),
+    ]
+    with pytest.raises(SystemExit) as info:
+        cli_main([*argv, "--tokenizer", "char", "--out", str(out)])
+    assert info.value.code == 0
+    manifest = json_load(out / "manifest.json")
+    assert (
+        manifest["splits"]["val"]["documents"] == 7
+        and manifest["splits"]["train"]["documents"] == 40
+    )
+    assert manifest["source"]["val_inputs"] == [str(tmp_path / "val.txt")]
+    (tmp_path / "empty.jsonl").write_text('{"other": 1}\n')
+    with pytest.raises(UserError, match="holds no documents"):
+        prepare(
+            [str(tmp_path / "train.txt")],
+            tmp_path / "data2",
+            "char",
+            val_inputs=[str(tmp_path / "empty.jsonl")],
+            log=quiet,
+        )
+    assert not (tmp_path / "data2").exists()
+
+
+def json_load(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())

@@ -18,6 +18,7 @@ def main(argv: list[str]) -> int:
   lmlab prepare --input notes/ 'more/**/*.md' --tokenizer bpe:8192 --out data/notes
   lmlab prepare --input shakespeare.txt --tokenizer char --out data/shakespeare-char
   lmlab prepare --input hf:roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories
+  lmlab prepare --input train.txt --val-input val.txt --tokenizer char --out data/split
 
 inputs: files (.txt .md .jsonl), folders (recursive), globs, dsl:flowroll, dsl:dimmatch
 (dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed).
@@ -71,6 +72,18 @@ holding one, or a Hub name loads one.""",
         "--hf-split", default="train", help="dataset split for hf: inputs (default: train)"
     )
     parser.add_argument(
+        "--val-input",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="the validation data, as --input takes it; then every --input document trains",
+    )
+    parser.add_argument(
+        "--hf-val-split",
+        default="validation",
+        help="dataset split for hf: --val-input inputs (default: validation)",
+    )
+    parser.add_argument(
         "--eot-token",
         default=None,
         help="end-of-document token of a loaded tokenizer, if not found automatically",
@@ -98,6 +111,8 @@ holding one, or a Hub name loads one.""",
         text_field=args.text_field,
         hf_config=args.hf_config,
         hf_split=args.hf_split,
+        val_inputs=args.val_input,
+        hf_val_split=args.hf_val_split,
         shard_tokens=args.shard_tokens,
         overwrite=args.overwrite,
         eot_token=args.eot_token,

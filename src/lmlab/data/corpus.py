@@ -109,7 +109,15 @@ class Corpus:
         hf_config: str | None = None,
         hf_split: str = "train",
         seed: int = 0,
+        val_inputs: list[str] | None = None,
+        hf_val_split: str = "validation",
+        own_val_split: bool = True,
     ):
+        """`val_inputs`, when given, are the whole val split: every document of `inputs` is
+        then a training document (a corpus's own val split, a practice language's or a
+        dataset's, is left out) and none is held out by hash. `hf_val_split` is the split
+        read from hf: val inputs. `own_val_split` False reads only the named split of a
+        dataset (no val split beside it)."""
         if not inputs:
             raise UserError(
                 "no inputs given: pass --input PATH (files, folders, globs, dsl:NAME or hf:NAME)"
@@ -135,6 +143,18 @@ class Corpus:
             doc_unit = "paragraph" if 0 < len(text_files) < 100 else "file"
         self.doc_unit = doc_unit
         self.skipped = Skipped()
+        self.own_val_split = own_val_split
+        self.val: Corpus | None = None
+        if val_inputs:
+            self.val = Corpus(
+                val_inputs,
+                doc_unit=doc_unit,
+                text_field=text_field,
+                hf_config=hf_config,
+                hf_split=hf_val_split,
+                seed=seed,
+                own_val_split=False,
+            )
 
     def _resolve(self, spec: str) -> None:
         if spec.startswith("dsl:"):
@@ -189,6 +209,19 @@ class Corpus:
 
     def documents(self) -> Iterator[Document]:
         """Yield every document, in a deterministic order. Can be called more than once."""
+        if self.val is None:
+            yield from self._own_documents()
+            return
+        for doc in self._own_documents():
+            if doc.split in (None, "train"):
+                yield Document(doc.text, "train")
+        for doc in self.val.documents():
+            yield Document(doc.text, "val")
+        for name in ("binary", "not_utf8"):
+            getattr(self.skipped, name).extend(getattr(self.val.skipped, name))
+        self.skipped.bad_records += self.val.skipped.bad_records
+
+    def _own_documents(self) -> Iterator[Document]:
         self.skipped = Skipped()
         for spec in self.specials:
             yield from self._special_documents(spec)
@@ -233,7 +266,9 @@ class Corpus:
         if spec.startswith("dsl:"):
             yield from _dsl_documents(*parse_dsl_spec(spec), seed=self.seed)
         else:
-            yield from _hf_documents(spec[3:], self.hf_config, self.hf_split, self.text_field)
+            yield from _hf_documents(
+                spec[3:], self.hf_config, self.hf_split, self.text_field, self.own_val_split
+            )
 
 
 def _dsl_documents(name: str, n_train: int, difficulty: str, seed: int) -> Iterator[Document]:
@@ -309,7 +344,9 @@ def _open_hf(name: str, config: str | None, split: str) -> tuple[object, object 
     return dd[split], val
 
 
-def _hf_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[Document]:
+def _hf_documents(
+    name: str, config: str | None, split: str, text_field: str, own_val_split: bool = True
+) -> Iterator[Document]:
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -322,6 +359,8 @@ def _hf_documents(name: str, config: str | None, split: str, text_field: str) ->
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load dataset {name!r} (split {split!r}): {first}") from None
     # The dataset's own validation split, when it has one, is the val split as it is.
+    if not own_val_split:
+        val = None
     parts = [(train, None)] if val is None else [(train, "train"), (val, "val")]
     for ds, given in parts:
         for row in ds:

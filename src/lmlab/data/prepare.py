@@ -187,6 +187,8 @@ def prepare(
     text_field: str = "text",
     hf_config: str | None = None,
     hf_split: str = "train",
+    val_inputs: list[str] | None = None,
+    hf_val_split: str = "validation",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     overwrite: bool = False,
     eot_token: str | None = None,
@@ -214,6 +216,8 @@ def prepare(
         hf_config=hf_config,
         hf_split=hf_split,
         seed=seed,
+        val_inputs=val_inputs,
+        hf_val_split=hf_val_split,
     )
     started = time.perf_counter()
 
@@ -289,6 +293,8 @@ def prepare(
             )
         if counts["train"]["documents"] == 0:
             raise UserError("every document fell into the val split: lower --val-fraction")
+        if val_inputs and counts["val"]["documents"] == 0:
+            raise UserError(f"--val-input {' '.join(val_inputs)} holds no documents")
         if val_fraction > 0 and counts["val"]["documents"] == 0:
             raise UserError(
                 f"no document fell into the val split ({counts['train']['documents']} documents): "
@@ -314,6 +320,7 @@ def prepare(
             },
             "source": {
                 "inputs": list(inputs),
+                **({"val_inputs": list(val_inputs)} if val_inputs else {}),
                 "doc_unit": corpus.doc_unit,
                 "val_fraction": val_fraction,
                 "seed": seed,
