@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
   lmlab prepare --input shakespeare.txt --tokenizer char --out data/shakespeare-char
   lmlab prepare --input hf:roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories
   lmlab prepare --input train.txt --val-input val.txt --tokenizer char --out data/split
+  lmlab prepare --input shakespeare.txt --tokenizer char --doc-unit file --val-split tail --out data/nanogpt
 
 inputs: files (.txt .md .jsonl), folders (recursive), globs, dsl:flowroll, dsl:dimmatch
 (dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed).
@@ -79,6 +80,13 @@ holding one, or a Hub name loads one.""",
         help="the validation data, as --input takes it; then every --input document trains",
     )
     parser.add_argument(
+        "--val-split",
+        choices=("hash", "tail"),
+        default="hash",
+        help="hash: documents held out by a seeded hash (default); tail: the last "
+        "--val-fraction of the text of the file inputs, nanoGPT-style",
+    )
+    parser.add_argument(
         "--hf-val-split",
         default="validation",
         help="dataset split for hf: --val-input inputs (default: validation)",
@@ -113,6 +121,7 @@ holding one, or a Hub name loads one.""",
         hf_split=args.hf_split,
         val_inputs=args.val_input,
         hf_val_split=args.hf_val_split,
+        val_split=args.val_split,
         shard_tokens=args.shard_tokens,
         overwrite=args.overwrite,
         eot_token=args.eot_token,

@@ -112,12 +112,21 @@ class Corpus:
         val_inputs: list[str] | None = None,
         hf_val_split: str = "validation",
         own_val_split: bool = True,
+        val_split: str = "hash",
+        val_fraction: float = 0.1,
     ):
         """`val_inputs`, when given, are the whole val split: every document of `inputs` is
         then a training document (a corpus's own val split, a practice language's or a
         dataset's, is left out) and none is held out by hash. `hf_val_split` is the split
         read from hf: val inputs. `own_val_split` False reads only the named split of a
-        dataset (no val split beside it)."""
+        dataset (no val split beside it).
+
+        `val_split="tail"` (file inputs only) holds out the last `val_fraction` of the text,
+        as nanoGPT does: the characters of the files, in order, are cut once at
+        (1 - val_fraction) of their total; the document the cut falls in is split there.
+        The default, "hash", leaves each document's split to the caller (`split_of`)."""
+        if val_split not in ("hash", "tail"):
+            raise UserError(f"unknown --val-split {val_split!r}: use hash or tail")
         if not inputs:
             raise UserError(
                 "no inputs given: pass --input PATH (files, folders, globs, dsl:NAME or hf:NAME)"
@@ -144,6 +153,11 @@ class Corpus:
         self.doc_unit = doc_unit
         self.skipped = Skipped()
         self.own_val_split = own_val_split
+        self.val_split, self.val_fraction = val_split, val_fraction
+        if val_split == "tail" and (self.specials or val_inputs):
+            raise UserError(
+                "--val-split tail cuts file inputs: it takes no dsl:, hf: or --val-input inputs"
+            )
         self.val: Corpus | None = None
         if val_inputs:
             self.val = Corpus(
@@ -209,6 +223,9 @@ class Corpus:
 
     def documents(self) -> Iterator[Document]:
         """Yield every document, in a deterministic order. Can be called more than once."""
+        if self.val_split == "tail":
+            yield from self._tail_split()
+            return
         if self.val is None:
             yield from self._own_documents()
             return
@@ -220,6 +237,21 @@ class Corpus:
         for name in ("binary", "not_utf8"):
             getattr(self.skipped, name).extend(getattr(self.val.skipped, name))
         self.skipped.bad_records += self.val.skipped.bad_records
+
+    def _tail_split(self) -> Iterator[Document]:
+        """Documents before the cut train, after it validate; the one across it is split."""
+        total = sum(len(d.text) for d in self._own_documents())
+        cut = round(total * (1 - self.val_fraction))
+        seen = 0
+        for doc in self._own_documents():
+            start, seen = seen, seen + len(doc.text)
+            if seen <= cut:
+                yield Document(doc.text, "train")
+            elif start >= cut:
+                yield Document(doc.text, "val")
+            else:
+                yield Document(doc.text[: cut - start], "train")
+                yield Document(doc.text[cut - start :], "val")
 
     def _own_documents(self) -> Iterator[Document]:
         self.skipped = Skipped()

@@ -189,6 +189,7 @@ def prepare(
     hf_split: str = "train",
     val_inputs: list[str] | None = None,
     hf_val_split: str = "validation",
+    val_split: str = "hash",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     overwrite: bool = False,
     eot_token: str | None = None,
@@ -218,6 +219,8 @@ def prepare(
         seed=seed,
         val_inputs=val_inputs,
         hf_val_split=hf_val_split,
+        val_split=val_split,
+        val_fraction=val_fraction,
     )
     started = time.perf_counter()
 
@@ -323,6 +326,7 @@ def prepare(
                 **({"val_inputs": list(val_inputs)} if val_inputs else {}),
                 "doc_unit": corpus.doc_unit,
                 "val_fraction": val_fraction,
+                "val_split": "inputs" if val_inputs else val_split,
                 "seed": seed,
                 "skipped_files": corpus.skipped.count(),
                 "skipped_records": corpus.skipped.bad_records,
