@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -60,6 +61,8 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train for."""
+    epochs: float = 0.0
+    """Passes over the train split (> 0: sets max_steps from the data's token count)."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass (per process)."""
     seq_len: int = 0
@@ -72,6 +75,8 @@ class TrainConfig:
     """The schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 100
     """Linear warmup from 0 to lr over this many steps."""
+    warmup_fraction: float = 0.0
+    """> 0: warmup_steps is this fraction of max_steps instead (e.g. 0.05)."""
     schedule: Schedule = "cosine"
     """Decay after warmup."""
     weight_decay: float = 0.1
@@ -252,6 +257,10 @@ class Config:
         for name, value in non_negative.items():
             if value < 0:
                 raise UserError(f"{name} must not be negative, got {value}")
+        if not (t.epochs >= 0 and math.isfinite(t.epochs)):
+            raise UserError(f"train.epochs must be >= 0, got {t.epochs}")
+        if not 0.0 <= t.warmup_fraction < 1.0:
+            raise UserError(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         for name in ("beta1", "beta2"):

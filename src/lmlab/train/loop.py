@@ -200,6 +200,7 @@ class Trainer:
             else 1
         )
         self.tokens_per_step = micro * cfg.seq_len * self.accum * world
+        self._schedule_from_data(cfg)
         self.loader = task.train_loader(cfg, env)
         self.state = TrainState()
         if last is not None:
@@ -334,6 +335,26 @@ class Trainer:
 
     # -- log ------------------------------------------------------------------------------
 
+    def _schedule_from_data(self, cfg: Config) -> None:
+        """train.epochs -> max_steps, train.warmup_fraction -> warmup_steps. The run folder's
+        config then holds plain step counts, so a resume keeps them whatever the data does."""
+        t = cfg.train
+        data_tokens = getattr(self.task, "train_tokens", None)
+        if t.epochs > 0:
+            if data_tokens is None:
+                raise UserError(
+                    "train.epochs counts token shards; a fine-tune uses finetune.epochs"
+                )
+            t.max_steps = max(1, math.ceil(t.epochs * data_tokens / self.tokens_per_step))
+            self.log(
+                f"{t.epochs:g} epoch(s) of {data_tokens:,} tokens = {t.max_steps:,} steps "
+                f"of {self.tokens_per_step:,} tokens"
+            )
+            t.epochs = 0.0
+        if t.warmup_fraction > 0:
+            t.warmup_steps = round(t.warmup_fraction * t.max_steps)
+            t.warmup_fraction = 0.0
+
     def describe(self) -> str:
         """The start-up line: model, batch arithmetic, layout, device, steps, run folder."""
         cfg, t, e = self.cfg, self.cfg.train, self.engine
@@ -345,8 +366,18 @@ class Trainer:
             f"model {cfg.model.family} {self.num_params / 1e6:.2f}M params | "
             f"{micro} seq x {self.accum} accum x {world} proc = {micro * self.accum * world} seq "
             f"x {cfg.seq_len} tokens = {self.tokens_per_step:,} tokens/step | {layout}"
-            f"{self.device.type} {precision_name(e.amp_dtype)} | {t.max_steps} steps | run {self.run_dir}"
+            f"{self.device.type} {precision_name(e.amp_dtype)} | {t.max_steps} steps"
+            f"{self._data_budget()} | run {self.run_dir}"
         )
+
+    def _data_budget(self) -> str:
+        """' = N tokens, T tokens/param, E epochs' for the start-up line (E with shards)."""
+        total = self.cfg.train.max_steps * self.tokens_per_step
+        text = f" = {total:,} tokens, {total / self.num_params:.1f} tokens/param"
+        data_tokens = getattr(self.task, "train_tokens", None)
+        if data_tokens:
+            text += f", {total / data_tokens:.2f} epochs"
+        return text
 
     def record(self, entry: dict[str, Any]) -> None:
         """Append a metrics record (rank 0 writes it; every rank keeps the history)."""

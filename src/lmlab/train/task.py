@@ -101,6 +101,8 @@ class PretrainTask:
                 f"vocab_size {cfg.model.vocab_size:,}: set data.vocab_from_data=true or a larger model.vocab_size"
             )
         self.val_split = open_split(cfg.data.path, "val")
+        self.train_tokens: int = self.manifest["splits"]["train"]["tokens"]
+        """Tokens in one pass over the train split (train.epochs counts these)."""
 
     def build_model(self, cfg: Config, checkpoint: Path | None) -> nn.Module:
         model = build_model(cfg.model)
