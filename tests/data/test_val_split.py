@@ -52,3 +52,27 @@ def test_tail_takes_file_inputs_only(tmp_path: Path):
         Corpus(["dsl:flowroll:20"], val_split="tail")
     with pytest.raises(UserError, match="unknown --val-split"):
         Corpus(["dsl:flowroll:20"], val_split="head")
+
+
+def test_two_tokenizers_one_corpus_same_split(tmp_path: Path, capsys):
+    from lmlab.cli import main as cli_main
+
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["prepare", "--input", str(tmp_path / "corpus.txt"), "--tokenizer", "bpe:300", "char"]
+    with pytest.raises(SystemExit) as info:
+        cli_main([*argv, "--out", str(a), str(b), "--val-fraction", "0.2"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "same documents, same split; bytes per token (train):" in out
+    for split in ("train", "val"):
+        assert decoded(a, split) == decoded(b, split)  # the same documents in each split
+        assert decoded(a, split)
+    bytes_per_token = [line.split()[1] for line in out.splitlines() if line.startswith("  ")][-2:]
+    assert float(bytes_per_token[0]) > 1.5 > float(bytes_per_token[1])  # BPE, char (~1 + eot)
+    with pytest.raises(SystemExit) as info:
+        cli_main([*argv, "--out", str(tmp_path / "c")])
+    assert info.value.code == 2 and not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit) as info:
+        cli_main([*argv, "--out", str(tmp_path / "d"), str(a)])  # a exists: nothing done
+    assert info.value.code == 2 and not (tmp_path / "d").exists()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lmlab.data.prepare import DEFAULT_SHARD_TOKENS, prepare, summary_lines
+from lmlab.errors import UserError
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +21,7 @@ def main(argv: list[str]) -> int:
   lmlab prepare --input shakespeare.txt --tokenizer char --out data/shakespeare-char
   lmlab prepare --input hf:roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories
   lmlab prepare --input train.txt --val-input val.txt --tokenizer char --out data/split
+  lmlab prepare --input corpus/ --tokenizer bpe:50257 bpe:32000 --out data/gpt2tok data/llamatok
   lmlab prepare --input shakespeare.txt --tokenizer char --doc-unit file --val-split tail --out data/nanogpt
 
 inputs: files (.txt .md .jsonl), folders (recursive), globs, dsl:flowroll, dsl:dimmatch
@@ -32,16 +35,19 @@ holding one, or a Hub name loads one.""",
     parser.add_argument(
         "--tokenizer",
         "-t",
-        default="bpe:4096",
+        nargs="+",
+        default=["bpe:4096"],
         metavar="SPEC",
-        help="bpe:N, char[:N], a path or a Hub name (default: bpe:4096)",
+        help="bpe:N, char[:N], a path or a Hub name (default: bpe:4096); several, with one "
+        "--out each, prepare the same documents and split once per tokenizer",
     )
     parser.add_argument(
         "--out",
         "-o",
+        nargs="+",
         required=True,
         metavar="DATA_DIR",
-        help="output folder (must not exist unless --overwrite)",
+        help="output folder (must not exist unless --overwrite); one per --tokenizer",
     )
     parser.add_argument(
         "--val-fraction",
@@ -108,31 +114,48 @@ holding one, or a Hub name loads one.""",
         help="replace DATA_DIR if it exists (only once the new one is complete)",
     )
     args = parser.parse_args(argv)
+    if len(args.tokenizer) != len(args.out):
+        raise UserError(
+            f"{len(args.tokenizer)} --tokenizer but {len(args.out)} --out: give one output folder "
+            "per tokenizer, in the same order"
+        )
+    for out in args.out:  # every output checked before any work
+        if Path(out).exists() and not args.overwrite:
+            raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    manifest = prepare(
-        args.input,
-        args.out,
-        args.tokenizer,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        doc_unit=args.doc_unit,
-        text_field=args.text_field,
-        hf_config=args.hf_config,
-        hf_split=args.hf_split,
-        val_inputs=args.val_input,
-        hf_val_split=args.hf_val_split,
-        val_split=args.val_split,
-        shard_tokens=args.shard_tokens,
-        overwrite=args.overwrite,
-        eot_token=args.eot_token,
-        progress=sys.stderr.isatty(),
-        log=log,
-    )
-    for line in summary_lines(manifest):
-        print(line)
-    t = manifest["timing_s"]
-    mb = sum(s["text_bytes"] for s in manifest["splits"].values()) / 1e6
-    print(
-        f"wrote {args.out} in {t['tokenizer'] + t['encode']:.1f}s ({mb / max(t['encode'], 1e-9):.2f} MB/s tokenizing)"
-    )
+    manifests = []
+    for tokenizer, out in zip(args.tokenizer, args.out, strict=True):
+        manifest = prepare(
+            args.input,
+            out,
+            tokenizer,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            doc_unit=args.doc_unit,
+            text_field=args.text_field,
+            hf_config=args.hf_config,
+            hf_split=args.hf_split,
+            val_inputs=args.val_input,
+            hf_val_split=args.hf_val_split,
+            val_split=args.val_split,
+            shard_tokens=args.shard_tokens,
+            overwrite=args.overwrite,
+            eot_token=args.eot_token,
+            progress=sys.stderr.isatty(),
+            log=log,
+        )
+        manifests.append(manifest)
+        for line in summary_lines(manifest):
+            print(line)
+        t = manifest["timing_s"]
+        mb = sum(s["text_bytes"] for s in manifest["splits"].values()) / 1e6
+        print(
+            f"wrote {out} in {t['tokenizer'] + t['encode']:.1f}s ({mb / max(t['encode'], 1e-9):.2f} MB/s tokenizing)"
+        )
+    if len(manifests) > 1:
+        # Documents go to train or val by a hash of their text: the same split for each.
+        print("same documents, same split; bytes per token (train):")
+        for tokenizer, out, manifest in zip(args.tokenizer, args.out, manifests, strict=True):
+            train = manifest["splits"]["train"]
+            print(f"  {tokenizer:<24} {train['text_bytes'] / train['tokens']:.3f}  ({out})")
     return 0
