@@ -28,7 +28,7 @@ def test_tail_holds_out_the_last_fraction_of_the_text(tmp_path: Path, doc_unit: 
     (tmp_path / "a.txt").write_text(TEXT[:3000])
     (tmp_path / "b.txt").write_text(TEXT[3000:])
     files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
-    cut = round(len(TEXT) * 0.9)
+    cut = int(len(TEXT) * 0.9)
     corpus = Corpus(files, doc_unit=doc_unit, val_split="tail", val_fraction=0.1)
     docs = list(corpus.documents())
     assert "".join(d.text for d in docs if d.split == "train") == TEXT[:cut]

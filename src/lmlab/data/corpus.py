@@ -241,7 +241,7 @@ class Corpus:
     def _tail_split(self) -> Iterator[Document]:
         """Documents before the cut train, after it validate; the one across it is split."""
         total = sum(len(d.text) for d in self._own_documents())
-        cut = round(total * (1 - self.val_fraction))
+        cut = int(total * (1 - self.val_fraction))  # as nanoGPT: int(n * 0.9)
         seen = 0
         for doc in self._own_documents():
             start, seen = seen, seen + len(doc.text)
