@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmlab.config import build_config
+from lmlab.generate.batch import generate_batch
 from lmlab.generate.predict import PredictOptions, predict, read_inputs
 from lmlab.generate.sampling import generate
 from lmlab.runs.checkpoint import WEIGHTS_FILE
@@ -41,5 +42,12 @@ def test_bf16_saved_weights_load_as_float32_and_generate(flowroll_data: Path, tm
         assert torch.equal(p, weights[name].to(torch.bfloat16).float()), name
     prompt = torch.tensor([loaded.tokenizer.encode("[1 2] | sort =>")])
     assert len(list(generate(loaded.model, prompt, 8, temperature=0.0))) == 8
+    # A trained model, prompts of different lengths: left-padded batches give each prompt
+    # the greedy tokens it gets alone.
+    texts = ["[1 2] | sort =>", "[3] | rev =>", "[9 8 7 6 5] | sort | rev =>"]
+    prompts = [loaded.tokenizer.encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    alone = [list(generate(loaded.model, torch.tensor([p]), 10, temperature=0.0)) for p in prompts]
+    assert generate_batch(loaded.model, prompts, max_new_tokens=10, pad_id=0) == alone
     [row] = predict(loaded, read_inputs("dsl:flowroll:1"), PredictOptions(max_new_tokens=8))
     assert isinstance(row["prediction"], str)

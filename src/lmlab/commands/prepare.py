@@ -157,5 +157,6 @@ holding one, or a Hub name loads one.""",
         print("same documents, same split; bytes per token (train):")
         for tokenizer, out, manifest in zip(args.tokenizer, args.out, manifests, strict=True):
             train = manifest["splits"]["train"]
-            print(f"  {tokenizer:<24} {train['text_bytes'] / train['tokens']:.3f}  ({out})")
+            text_tokens = max(1, train["tokens"] - train["documents"])  # without end-of-doc
+            print(f"  {tokenizer:<24} {train['text_bytes'] / text_tokens:.3f}  ({out})")
     return 0
