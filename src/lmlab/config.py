@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -28,6 +29,8 @@ from lmlab.recipes import RECIPES
 from lmlab.typed_dict import from_dict, suggest
 
 CONFIG_VERSION = 1
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+"""A run name is one folder name: no path separators, no '..', not too long."""
 
 # Choices, each written once: the config validates them, and the planner, `lmlab bench`
 # and the command lines offer the tuples derived from them.
@@ -231,8 +234,22 @@ class Config:
 
     def validate(self) -> None:
         """One-line UserErrors for values that cannot work."""
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(f"{section.name}.{f.name} must be a finite number, got {value}")
         self.model.validate()
         t = self.train
+        if not t.adam_eps > 0:
+            raise UserError(f"train.adam_eps must be positive, got {t.adam_eps}")
+        name = self.logging.name
+        if name and (not RUN_NAME.match(name) or ".." in name):
+            raise UserError(
+                f"logging.name {name[:60]!r} is not a run name: letters, digits, '.', '_' and "
+                "'-', starting with a letter or digit, at most 100 characters (it names a folder)"
+            )
         positive = {
             "train.max_steps": t.max_steps,
             "train.micro_batch_size": t.micro_batch_size,

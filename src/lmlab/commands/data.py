@@ -8,6 +8,7 @@ import sys
 
 from lmlab.data.prepare import inspect
 from lmlab.data.shards import load_manifest, verify
+from lmlab.errors import UserError
 
 
 def main(argv: list[str]) -> int:
@@ -39,6 +40,8 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(load_manifest(args.data_dir), indent=2))
         else:
+            if args.tokens < 0:
+                raise UserError(f"--tokens must be >= 0, got {args.tokens}")
             print(inspect(args.data_dir, args.tokens))
         return 0
     problems = verify(args.data_dir)

@@ -88,8 +88,8 @@ def generate(
         raise UserError(f"prompt must be a (1, T) tensor with T >= 1, got shape {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (0 <= temperature < float("inf")):  # NaN fails this too
+        raise UserError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -25,7 +25,12 @@ CONFIG_NAME = "config.yaml"
 def new_run_dir(runs_dir: str | Path, name: str) -> Path:
     """A fresh folder runs_dir/name/YYYYmmdd-HHMMSS[-N]."""
     parent = Path(runs_dir) / name
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot make run folders under {runs_dir}: it is not a folder") from None
+    except PermissionError:
+        raise UserError(f"cannot make run folders under {runs_dir}: permission denied") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
         path = parent / (stamp if i == 0 else f"{stamp}-{i}")
