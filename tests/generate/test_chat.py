@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from lmlab.config import build_config
-from lmlab.data.chat import Message, chat_prompt_ids
+from lmlab.data.chat import DEFAULT_CHAT_TEMPLATE, Message, chat_prompt_ids, render_chat
 from lmlab.errors import UserError
-from lmlab.generate.chat import ChatSession, handle_command
+from lmlab.generate.chat import ChatSession, end_of_turn_mark, handle_command
 from lmlab.runs.load import LoadedModel, load_model
 from lmlab.train.loop import train
 
@@ -58,12 +59,19 @@ class Scripted(nn.Module):
         return logits, None
 
 
-def scripted(run: Path, text_ids: list[int], context_length: int = 96) -> LoadedModel:
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def scripted(
+    run: Path, text_ids: list[int], context_length: int = 96, chat_template: str | None = None
+) -> LoadedModel:
     loaded = load_model(run)
     vocab = loaded.model.config.vocab_size
-    return LoadedModel(
-        Scripted(vocab, text_ids, context_length), loaded.tokenizer, loaded.path, "lmlab"
-    )
+    model = Scripted(vocab, text_ids, context_length)
+    return LoadedModel(model, loaded.tokenizer, loaded.path, "lmlab", chat_template)
 
 
 def test_prompt_is_the_conversation_as_fine_tuning_lays_it_out(run):
@@ -80,6 +88,11 @@ def test_prompt_is_the_conversation_as_fine_tuning_lays_it_out(run):
         loaded.tokenizer,
     )
     assert ids == expected and budget == 8
+    shown = [Message("system", "be brief"), *session.history, Message("user", "[3] | sum =>")]
+    # The same ids as the rendered text, its markup read as special tokens.
+    text = render_chat(shown, None, add_generation_prompt=True)
+    reading_markup = Tokenizer.from_str(loaded.tokenizer.to_json())
+    assert ids == reading_markup.encode(text, add_special_tokens=False).ids
 
 
 def test_reply_stops_at_end_of_turn_and_hides_the_mark(run):
@@ -92,6 +105,37 @@ def test_reply_stops_at_end_of_turn_and_hides_the_mark(run):
     # And at the end-of-text token.
     session = ChatSession(scripted(run, tok.encode("ok") + [tok.eot_id]), temperature=0.0)
     assert "".join(session.reply("hi")) == "ok"
+
+
+def test_end_of_turn_is_read_off_the_template():
+    assert end_of_turn_mark(None) == "<|end|>"
+    assert end_of_turn_mark(DEFAULT_CHAT_TEMPLATE) == "<|end|>"  # an exported lmlab model
+    assert end_of_turn_mark(CHATML) == "<|im_end|>"
+    llama2 = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+    )
+    assert end_of_turn_mark(llama2, {"eos_token": "</s>"}) == "</s>"
+    assert end_of_turn_mark("{% for m in messages %}{{ m['content'] }}\n{% endfor %}") is None
+    picky = "{{ raise_exception('a system turn first') }}"
+    assert end_of_turn_mark(picky) is None  # end-of-text still ends replies
+
+
+def test_a_jinja_template_reply_stops_at_its_own_mark(run):
+    # Markup in the tiny run's characters, so the stub can "say" the mark.
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} ==done== {% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    assert end_of_turn_mark(template) == "==done=="
+    tok = load_model(run).tokenizer
+    said = tok.encode("[3 1] ==do") + tok.encode("ne== [9]")
+    loaded = scripted(run, said, chat_template=template)
+    session = ChatSession(loaded, max_new_tokens=40, temperature=0.0)
+    # The space before the mark is streamed before the mark is known; history strips it.
+    assert "".join(session.reply("[1 3] | rev =>")) == "[3 1] "
+    assert tok.decode(loaded.model.seen[0]) == "[user] [1 3] | rev => ==done== [assistant] "
+    assert session.history[-1] == Message("assistant", "[3 1]")
 
 
 def test_oldest_turns_are_dropped_to_fit_and_the_system_message_stays(run):
@@ -142,6 +186,22 @@ def test_the_terminal_loop_ends_on_quit_and_at_end_of_input(run, monkeypatch, ca
         assert "system message: 'be brief'" in out and "conversation forgotten" in out
 
 
+def test_a_message_too_long_is_reported_and_the_chat_goes_on(run, monkeypatch, capsys):
+    from lmlab.commands.chat import main
+
+    long = "[1 2 3] | sort => " * 60
+    assert len(load_model(run).tokenizer.encode(long)) > 256  # the run's context
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\nhello\n/quit\n"))
+    assert main([str(run), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "shorten them" in out and out.count("model> ") == 2
+
+
 def test_bad_settings(run):
+    loaded = load_model(run)
     with pytest.raises(UserError, match="--max-new-tokens"):
-        ChatSession(load_model(run), max_new_tokens=0)
+        ChatSession(loaded, max_new_tokens=0)
+    with pytest.raises(UserError, match="temperature"):
+        ChatSession(loaded, temperature=-1.0)
+    with pytest.raises(UserError, match="top_p"):
+        ChatSession(loaded, top_p=1.5)

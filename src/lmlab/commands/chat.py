@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmlab.errors import UserError
+
 EPILOG = """examples:
   lmlab chat runs/finetune-lora/20261124-101500
   lmlab chat exported/assistant --system "Answer in one sentence." --temperature 0.3
@@ -72,6 +74,9 @@ def main(argv: list[str]) -> int:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print("\n(reply interrupted)")
+            continue
+        except UserError as e:  # a message too long for the context: say so, keep chatting
+            print(f"\n({e})")
             continue
         print()
         if session.dropped:

@@ -3,8 +3,8 @@
 `ChatSession` keeps the turns, lays them out with the model's chat template (the one it
 was fine-tuned with, or lmlab's default layout, exactly as fine-tuning tokenized them:
 `lmlab.data.chat.chat_prompt_ids`), and streams each reply as text while it is generated.
-A reply ends at the end-of-text token or, in lmlab's layout, at its end-of-turn marker
-`<|end|>` (neither is shown). Only what fits the model's context is sent: the oldest
+A reply ends at the end-of-text token or at the template's end-of-turn marker (`<|end|>`
+in lmlab's layout, `<|im_end|>` in ChatML, ...; neither is shown). Only what fits the model's context is sent: the oldest
 user/assistant pairs are dropped first; the system message always stays.
 
     >>> session = ChatSession(load_model("runs/chat-lora/20261124-101500"), system="Be brief.")
@@ -19,13 +19,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmlab.data.chat import Message, chat_prompt_ids
+from lmlab.data.chat import Message, chat_prompt_ids, render_chat
 from lmlab.errors import UserError
 from lmlab.generate.sampling import generate
 from lmlab.runs.load import LoadedModel
 
 END_OF_TURN_MARK = "<|end|>"
 """Where a reply ends in lmlab's default chat layout."""
+
+_SENTINEL = "Lmlab0Reply0Sentinel"
+
+
+def end_of_turn_mark(
+    chat_template: str | None, template_vars: dict[str, str] | None = None
+) -> str | None:
+    """The text a template writes right after an assistant's words (`<|end|>`, `<|im_end|>`,
+    `<end_of_turn>`, `</s>`, ...), or None when it writes nothing there.
+
+    Read off the template itself by rendering a one-exchange conversation, so an exported
+    lmlab layout, ChatML or Gemma all stop where they were tuned to stop, not only when the
+    tokenizer's end-of-text token comes.
+    """
+    if chat_template is None:
+        return END_OF_TURN_MARK
+    exchange = [Message("user", "Hi"), Message("assistant", _SENTINEL)]
+    try:
+        text = render_chat(exchange, chat_template, template_vars=template_vars)
+    except UserError:
+        return None  # a template that wants more (a system turn, ...): end-of-text only
+    after = text.partition(_SENTINEL)[2].split()
+    return after[0] if after else None
 
 
 @dataclass
@@ -47,6 +70,10 @@ class ChatSession:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        # generate() checks the sampling settings before it starts; asking it for nothing
+        # now reports a bad --temperature/--top-p before the first message, not after it.
+        one_token = torch.zeros(1, 1, dtype=torch.long)
+        generate(self.loaded.model, one_token, 0, self.temperature, self.top_k, self.top_p)
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
@@ -90,7 +117,8 @@ class ChatSession:
         loaded = self.loaded
         tokenizer = loaded.tokenizer
         ids, budget = self.prompt(user_text)
-        marks = [END_OF_TURN_MARK] if loaded.chat_template is None else []
+        mark = end_of_turn_mark(loaded.chat_template, loaded.template_vars)
+        marks = [mark] if mark else []
         device = next(loaded.model.parameters()).device
         tokens = generate(
             loaded.model,
