@@ -107,6 +107,23 @@ def test_reply_stops_at_end_of_turn_and_hides_the_mark(run):
     assert "".join(session.reply("hi")) == "ok"
 
 
+def test_a_saved_default_layout_is_tokenized_and_stopped_as_lmlabs_own(run):
+    """A fine-tune saves lmlab's layout as chat_template.jinja: prompts are then built as
+    fine-tuning built them (turn text stays plain text) and replies stop at <|end|>."""
+    tok = load_model(run).tokenizer
+    said = tok.encode("[2 1]") + tok.encode("<|end|>") + tok.encode("[7]")
+    session = ChatSession(
+        scripted(run, said, chat_template=DEFAULT_CHAT_TEMPLATE), max_new_tokens=30
+    )
+    assert session.chat_template is None
+    text = "<|endoftext|> [1 2] | rev =>"  # would be the end-of-text id if read as markup
+    ids, _ = session.prompt(text)
+    assert ids == chat_prompt_ids([Message("user", text)], tok)
+    assert tok.eot_id not in ids
+    assert chat_prompt_ids([Message("user", text)], tok, DEFAULT_CHAT_TEMPLATE) != ids
+    assert "".join(session.reply(text)) == "[2 1]"
+
+
 def test_end_of_turn_is_read_off_the_template():
     assert end_of_turn_mark(None) == "<|end|>"
     assert end_of_turn_mark(DEFAULT_CHAT_TEMPLATE) == "<|end|>"  # an exported lmlab model

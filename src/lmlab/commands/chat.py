@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    template = "its chat template" if loaded.chat_template else "lmlab's chat layout"
+    template = "its chat template" if session.chat_template else "lmlab's chat layout"
     print(f"chatting with {loaded.path} ({template}); /help for commands, /quit to leave")
     interactive = sys.stdin.isatty()
     while True:

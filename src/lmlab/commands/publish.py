@@ -19,7 +19,7 @@ curve (loss_curve.png, with matplotlib), evaluation results (the run's validatio
 plus the reports of `lmlab score --out` / `lmlab eval --task --out` given with --eval),
 usage, intended use and limits.
 
-The token comes from HF_TOKEN or `huggingface-cli login` only, and is never written
+The token comes from HF_TOKEN or `hf auth login` only, and is never written
 anywhere. --dry-run (and HF_HUB_OFFLINE=1) writes the folder and uploads nothing: what is
 on disk is exactly what would be uploaded. The upload itself is not tested in CI (no
 internet there); everything before it is."""

@@ -49,19 +49,36 @@ class CardFacts:
     history: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     """Rows {"source", "metric", "value", "ci_low", "ci_high"} from evaluation reports."""
+    chat: bool = False
+    """The folder carries a chat template (the usage example then sends messages)."""
+    end_of_turn: str | None = None
+    """Text that ends a reply in the chat layout when it is not a token (lmlab's `<|end|>`)."""
+
+
+def _is_hub_name(name: str) -> bool:
+    """OWNER/NAME that is not a path on this machine."""
+    return (
+        name.count("/") == 1
+        and not name.startswith(("/", ".", "~"))
+        and not Path(name).expanduser().exists()
+    )
 
 
 def _local_name(spec: str) -> str:
-    """A local path as its last component: a card is public, the user's folders are not."""
-    if spec.startswith(("hf:", "dsl:")) or "/" not in spec:
+    """A local path as its last component: a card is public, the user's folders are not.
+    `hf:` may name a local data file or saved dataset too (hf:/data/x.parquet)."""
+    if spec.startswith("dsl:"):
         return spec
-    return Path(spec).name
+    prefix, rest = ("hf:", spec[3:]) if spec.startswith("hf:") else ("", spec)
+    if (prefix and _is_hub_name(rest)) or "/" not in rest.replace("\\", "/"):
+        return spec
+    return prefix + Path(rest).name
 
 
 def _hub_dataset(spec: str) -> str | None:
-    if spec.startswith("hf:"):
-        name = spec[3:].split(":")[0]
-        return name if name.count("/") == 1 and not Path(name).exists() else None
+    """The Hub dataset id of an `hf:OWNER/NAME` input, or None (a local file, dsl:, ...)."""
+    if spec.startswith("hf:") and _is_hub_name(spec[3:]):
+        return spec[3:]
     return None
 
 
@@ -80,22 +97,23 @@ def facts_from_run(ckpt: Path, run_dir: Path | None, cfg: Any, parameters: int) 
     from lmlab.runs.checkpoint import read_meta
     from lmlab.runs.metrics import read_metrics, summarize
 
-    history = read_metrics(run_dir) if run_dir is not None else []
-    summary = summarize(history)
     meta = read_meta(ckpt)
+    history = read_metrics(run_dir) if run_dir is not None else []
+    if "step" in meta:  # an older checkpoint of the run: its history, not what came after
+        history = [r for r in history if r["step"] <= meta["step"]]
+    summary = summarize(history)
     ft = cfg.finetune
     finetuned = bool(ft.base)
     base_model = None
     base_description = None
     if finetuned:
         base = str(ft.base)
-        local = Path(base).exists() or base.startswith(("/", ".", "~"))
-        if not local and base.count("/") == 1:
+        if _is_hub_name(base):
             base_model = base
         base_description = base if base_model else f"a local model ({_local_name(base)})"
-    data = [str(ft.data)] if finetuned else _prepared_inputs(str(cfg.data.path))
-    data = [_local_name(d) for d in data if d]
-    datasets = [d for d in (_hub_dataset(s) for s in data) if d]
+    inputs = [str(ft.data)] if finetuned else _prepared_inputs(str(cfg.data.path))
+    datasets = [d for d in (_hub_dataset(s) for s in inputs if s) if d]
+    data = [_local_name(s) for s in inputs if s]
     config = {
         "model": _plain(cfg.model),
         "train": {
@@ -207,7 +225,9 @@ def draw_loss_curve(history: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=True), label="training loss", linewidth=1)
+        # Markers while points are few: a lone logged step is otherwise invisible.
+        marker = "." if len(train) < 50 else None
+        ax.plot(*zip(*train, strict=True), label="training loss", linewidth=1, marker=marker)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss", markersize=3)
     ax.set_xlabel("step")
@@ -218,6 +238,68 @@ def draw_loss_curve(history: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def _model_index_results(facts: CardFacts) -> list[dict[str, Any]]:
+    """model-index results, one per dataset. The Hub (and huggingface_hub's ModelCard)
+    refuse a result without its dataset's type and name: a Hub dataset id when the data
+    came from one, else the data's own (public) name."""
+    results = []
+    if facts.val_loss is not None:
+        data = ", ".join(facts.data) or "training data"
+        dataset_type = facts.datasets[0] if len(facts.datasets) == 1 else data
+        metrics = [
+            {"type": "loss", "name": "validation loss", "value": round(facts.val_loss, 4)},
+            {
+                "type": "perplexity",
+                "name": "validation perplexity",
+                "value": round(math.exp(facts.val_loss), 2),
+            },
+        ]
+        results.append(_result(dataset_type, f"held-out split of {data}", metrics))
+    sources: dict[str, list[dict[str, Any]]] = {}
+    for row in facts.evaluations:
+        sources.setdefault(row["source"], []).append(
+            {"type": row["metric"], "name": row["metric"], "value": row["value"]}
+        )
+    results += [_result(source, source, metrics) for source, metrics in sources.items()]
+    return results
+
+
+def _result(dataset_type: str, dataset_name: str, metrics: list) -> dict[str, Any]:
+    return {
+        "task": {"type": "text-generation"},
+        "dataset": {"type": dataset_type, "name": dataset_name},
+        "metrics": metrics,
+    }
+
+
+def _usage(facts: CardFacts, repo_id: str) -> list[str]:
+    """A transformers snippet: plain text in, or (with a chat template) a conversation."""
+    if not facts.chat:
+        return [
+            "from transformers import pipeline",
+            "",
+            f'generate = pipeline("text-generation", model="{repo_id}")',
+            'print(generate("Hello", max_new_tokens=40)[0]["generated_text"])',
+        ]
+    lines = [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        'messages = [{"role": "user", "content": "Hello"}]',
+        "inputs = tokenizer.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+        ")",
+        "out = model.generate(**inputs, max_new_tokens=40)",
+        'reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)',
+    ]
+    if facts.end_of_turn:  # plain text, not a token: generate() does not stop at it
+        lines.append(f'print(reply.split("{facts.end_of_turn}")[0])')
+    else:
+        lines.append("print(reply)")
+    return lines
 
 
 def model_card(facts: CardFacts, repo_id: str, license: str, has_curve: bool) -> str:
@@ -233,26 +315,9 @@ def model_card(facts: CardFacts, repo_id: str, license: str, has_curve: bool) ->
         metadata["base_model"] = facts.base_model
     if facts.datasets:
         metadata["datasets"] = facts.datasets
-    metrics = []
-    if facts.val_loss is not None:
-        metrics.append(
-            {"type": "loss", "name": "validation loss", "value": round(facts.val_loss, 4)}
-        )
-    for row in facts.evaluations:
-        metrics.append(
-            {
-                "type": row["metric"],
-                "name": f"{row['metric']} ({row['source']})",
-                "value": row["value"],
-            }
-        )
-    if metrics:
-        metadata["model-index"] = [
-            {
-                "name": repo_id.split("/")[1],
-                "results": [{"task": {"type": "text-generation"}, "metrics": metrics}],
-            }
-        ]
+    results = _model_index_results(facts)
+    if results:
+        metadata["model-index"] = [{"name": repo_id.split("/")[1], "results": results}]
 
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", ""]
     lines += [f"# {repo_id.split('/')[1]}", ""]
@@ -314,16 +379,8 @@ def model_card(facts: CardFacts, repo_id: str, license: str, has_curve: bool) ->
             )
             lines.append(f"| {row['source']} | {row['metric']} | {row['value']:.4f} | {interval} |")
         lines.append("")
+    lines += ["## How to use", "", "```python", *_usage(facts, repo_id), "```", ""]
     lines += [
-        "## How to use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'generate = pipeline("text-generation", model="{repo_id}")',
-        'print(generate("Hello", max_new_tokens=40)[0]["generated_text"])',
-        "```",
-        "",
         "## Intended use and limitations",
         "",
         f"A small model ({facts.parameters:,} parameters"

@@ -7,7 +7,7 @@
     3. upload it: create the repo (private if asked), upload the folder
 
 The token is read from the environment (HF_TOKEN) or the standard login
-(`huggingface-cli login`), only through `huggingface_hub.get_token()`, and handed to
+(`hf auth login`), only through `huggingface_hub.get_token()`, and handed to
 `HfApi` in memory: it is never written to the folder, the card, a log or a run folder.
 A dry run, or a machine with HF_HUB_OFFLINE=1, stops after step 2: the folder on disk is
 exactly what would be uploaded. CI has no internet, so step 3 is tested against a stand-in
@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmlab.data.chat import DEFAULT_CHAT_TEMPLATE, END_OF_TURN, read_chat_template
 from lmlab.errors import UserError
 from lmlab.export.card import (
     LOSS_CURVE,
@@ -97,16 +98,19 @@ def build_folder(
             from lmlab.export.hf import export_hf
             from lmlab.model.build import param_count
             from lmlab.runs.checkpoint import resolve_checkpoint
-            from lmlab.runs.load import build_from_checkpoint
 
             export = export_hf(source, tmp / "model", dtype=dtype, merge_lora=True)
             for path in (tmp / "model").iterdir():
                 path.rename(tmp / path.name)
             (tmp / "model").rmdir()
-            _, _, cfg, ckpt = build_from_checkpoint(source, "cpu")
-            resolved = resolve_checkpoint(ckpt)
-            facts = facts_from_run(ckpt, resolved.run_dir, cfg, param_count(cfg.model))
+            resolved = resolve_checkpoint(export["checkpoint"])
+            cfg = resolved.config
+            facts = facts_from_run(resolved.path, resolved.run_dir, cfg, param_count(cfg.model))
         facts.evaluations = eval_rows
+        template, _ = read_chat_template(tmp)
+        facts.chat = template is not None
+        if facts.chat and template.strip() == DEFAULT_CHAT_TEMPLATE.strip():
+            facts.end_of_turn = END_OF_TURN.strip()
         has_curve = draw_loss_curve(facts.history, tmp / LOSS_CURVE)
         atomic_write_text(tmp / "README.md", model_card(facts, repo_id, license, has_curve))
     files = sorted(p.name for p in out.iterdir())
@@ -159,7 +163,7 @@ def publish(
         token = hub_token()
         if not token:
             raise UserError(
-                "no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` "
+                "no Hugging Face token: set HF_TOKEN or run `hf auth login` "
                 "(or pass --dry-run to only write the folder)"
             )
     folder = Path(out) if out is not None else Path("publish") / repo_id.split("/")[1]

@@ -4,8 +4,9 @@
 was fine-tuned with, or lmlab's default layout, exactly as fine-tuning tokenized them:
 `lmlab.data.chat.chat_prompt_ids`), and streams each reply as text while it is generated.
 A reply ends at the end-of-text token or at the template's end-of-turn marker (`<|end|>`
-in lmlab's layout, `<|im_end|>` in ChatML, ...; neither is shown). Only what fits the model's context is sent: the oldest
-user/assistant pairs are dropped first; the system message always stays.
+in lmlab's layout, `<|im_end|>` in ChatML, ...; neither is shown). Only what fits the
+model's context is sent: the oldest user/assistant pairs are dropped first; the system
+message always stays.
 
     >>> session = ChatSession(load_model("runs/chat-lora/20261124-101500"), system="Be brief.")
     >>> for piece in session.reply("What is LoRA?"):
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmlab.data.chat import Message, chat_prompt_ids, render_chat
+from lmlab.data.chat import DEFAULT_CHAT_TEMPLATE, Message, chat_prompt_ids, render_chat
 from lmlab.errors import UserError
 from lmlab.generate.sampling import generate
 from lmlab.runs.load import LoadedModel
@@ -75,6 +76,19 @@ class ChatSession:
         one_token = torch.zeros(1, 1, dtype=torch.long)
         generate(self.loaded.model, one_token, 0, self.temperature, self.top_k, self.top_p)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja template prompts are laid out with, or None for lmlab's own layout.
+
+        A fine-tune saves lmlab's layout as chat_template.jinja with each checkpoint (and an
+        export carries it); that is still lmlab's layout, tokenized piece by piece as the
+        first fine-tune did: markup as special tokens, the turns' text as plain text (so a
+        user typing "<|endoftext|>" cannot end the conversation's document)."""
+        template = self.loaded.chat_template
+        if template is None or template.strip() == DEFAULT_CHAT_TEMPLATE.strip():
+            return None
+        return template
+
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
         self.history.clear()
@@ -97,7 +111,7 @@ class ChatSession:
             ids = chat_prompt_ids(
                 self.messages(user_text, skip),
                 loaded.tokenizer,
-                loaded.chat_template,
+                self.chat_template,
                 loaded.template_vars,
             )
             # The KV cache holds the prompt and all but the last new token.
@@ -117,7 +131,7 @@ class ChatSession:
         loaded = self.loaded
         tokenizer = loaded.tokenizer
         ids, budget = self.prompt(user_text)
-        mark = end_of_turn_mark(loaded.chat_template, loaded.template_vars)
+        mark = end_of_turn_mark(self.chat_template, loaded.template_vars)
         marks = [mark] if mark else []
         device = next(loaded.model.parameters()).device
         tokens = generate(
