@@ -222,3 +222,20 @@ def test_existing_output_unknown_language_and_missing_model_are_refused(run, tmp
     assert "nope" in capsys.readouterr().err
     with pytest.raises(UserError):
         load_model(tmp_path / "missing")
+
+
+def test_lmlab_layout_saved_as_a_template_is_applied_as_lmlab_layout(run, tmp_path):
+    """Fine-tunes save lmlab's layout as chat_template.jinja: loading reads it as the
+    layout (turn text plain, replies end at <|end|>); any other template is kept."""
+    import shutil
+
+    from lmlab.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = load_model(copy).path
+    (ckpt / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+    assert load_model(copy).chat_template is None
+    other = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    (ckpt / "chat_template.jinja").write_text(other)
+    assert load_model(copy).chat_template == other

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lmlab.config import Config
-from lmlab.data.chat import read_chat_template
+from lmlab.data.chat import DEFAULT_CHAT_TEMPLATE, read_chat_template
 from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
@@ -96,12 +96,22 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         source = open_source(path)
         model = build_model(source.model_config)
         source.load_into(model)
-        template, variables = read_chat_template(path)
+        template, variables = _chat_template(path)
         return LoadedModel(
             model.to(device).eval(), source.tokenizer, path, "hf", template, variables
         )
     if not path.exists() and str(spec).count("/") == 1 and not str(spec).startswith((".", "~")):
         return load_model(open_source(spec).path, device)  # a Hub name: download, then as above
     model, tokenizer, _, ckpt = build_from_checkpoint(spec, device)
-    template, variables = read_chat_template(ckpt)
+    template, variables = _chat_template(ckpt)
     return LoadedModel(model, tokenizer, ckpt, "lmlab", template, variables)
+
+
+def _chat_template(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """The folder's chat template, None when it is lmlab's own layout: fine-tunes and exports
+    save that layout as chat_template.jinja, and it is applied piece by piece (turn text
+    stays plain text, a reply ends at <|end|>), not as a template rendered whole."""
+    template, variables = read_chat_template(folder)
+    if template is not None and template.strip() == DEFAULT_CHAT_TEMPLATE.strip():
+        template = None
+    return template, variables
