@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Training picks its CPU threads from the machine's load unless told not to; runs that tests
+# compare with each other must use the same count, so the suite (and every lmlab process it
+# starts) keeps torch's default. tests/train/test_cpu_threads.py turns it back on.
+os.environ["LMLAB_CPU_AUTO"] = "0"
 
 MIXED_TEXT = [
     "The quick brown fox jumps over the lazy dog.\n\nA second paragraph, with numbers 1234.\n",

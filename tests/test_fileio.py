@@ -41,3 +41,17 @@ def test_a_failure_leaves_the_old_content_and_no_temporary_files(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["v3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
     assert (tmp_path / "a.txt").read_text() == "old"
+
+
+def test_a_failed_atomic_directory_leaves_no_parent_folders(tmp_path):
+    target = tmp_path / "new" / "sub" / "out"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("failed while building")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # folders that existed before stay
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "kept" / "a" / "out"):
+        raise RuntimeError("failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any(
+        (tmp_path / "kept").iterdir()
+    )

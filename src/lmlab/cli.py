@@ -8,7 +8,9 @@ runs, so `lmlab --help` stays fast (no torch import).
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 from lmlab.errors import UserError
@@ -51,6 +53,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# errno values of a path the user may not read or write (permissions, a read-only disk)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _denied_message(e: OSError) -> str:
+    reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+    path = str(e.filename or "a file")
+    name = path.rsplit("/", 1)[-1]
+    if name.startswith(".") and name.endswith(".tmp"):  # an atomic write's temporary: its folder
+        path = path.rsplit("/", 1)[0]
+    return f"no access to {path} ({reason}): choose a folder you may write to, or change its permissions"
+
+
 def command_module(name: str) -> str:
     """The module that implements `lmlab NAME`."""
     return f"lmlab.commands.{name}"
@@ -76,7 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"lmlab {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a folder the user cannot write to is their setup, not a bug
+        if e.errno not in _DENIED:
+            raise
+        print(f"lmlab {name}: error: {_denied_message(e)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"lmlab {name}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        # A worker of `--nproc K` leaves the exit status to its launcher (torchrun would
+        # otherwise report a failed worker).
+        sys.exit(0 if os.environ.get("LMLAB_LAUNCHED") == "1" else 130)
     sys.exit(code or 0)

@@ -50,6 +50,8 @@ Objective = Literal["sft", "dpo"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 OnOverflow = Literal["truncate", "error"]
 ON_OVERFLOW: tuple[str, ...] = get_args(OnOverflow)
+OnNonfinite = Literal["skip", "rollback", "stop"]
+ON_NONFINITE: tuple[str, ...] = get_args(OnNonfinite)
 
 
 @dataclass
@@ -108,6 +110,26 @@ class TrainConfig:
     activation_checkpointing: ActivationCheckpointing = "none"
     """Recompute activations in the backward pass to save memory: selective recomputes each
     block's MLP, full recomputes whole blocks (keeping only their inputs)."""
+    on_nonfinite: OnNonfinite = "skip"
+    """A step whose loss or gradients are not finite changes nothing (weights and AdamW state
+    stay). skip: stop with an error after max_bad_steps such steps in a row; rollback: then
+    go back to the last good checkpoint with the learning rate times rollback_lr_factor;
+    stop: stop at the first one."""
+    max_bad_steps: int = 10
+    """Non-finite steps in a row that skip / rollback tolerate."""
+    rollback_lr_factor: float = 0.5
+    """on_nonfinite=rollback: the learning rate is multiplied by this at each rollback."""
+    max_rollbacks: int = 3
+    """on_nonfinite=rollback: stop with an error after this many rollbacks in one invocation."""
+    spike_zscore: float = 0.0
+    """> 0: a logged loss this many standard deviations above the mean of the previous
+    spike_window logged losses is a spike: rollback and stop act on it, skip warns."""
+    spike_window: int = 20
+    """Logged losses that a spike is measured against."""
+    verify_data: bool = False
+    """Check every shard's SHA-256 against the manifest before training (reads all the
+    data once). Always checked: each shard's header, size and token count, and every token
+    id read against the vocabulary."""
 
 
 @dataclass
@@ -242,6 +264,8 @@ class Config:
                     raise UserError(f"{section.name}.{f.name} must be a finite number, got {value}")
         self.model.validate()
         t = self.train
+        if t.seed < 0:
+            raise UserError(f"train.seed must be >= 0, got {t.seed}")
         if not t.adam_eps > 0:
             raise UserError(f"train.adam_eps must be positive, got {t.adam_eps}")
         name = self.logging.name
@@ -278,6 +302,15 @@ class Config:
             raise UserError(f"train.epochs must be >= 0, got {t.epochs}")
         if not 0.0 <= t.warmup_fraction < 1.0:
             raise UserError(f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+        if not 0.0 < t.rollback_lr_factor <= 1.0:
+            raise UserError(
+                f"train.rollback_lr_factor must be in (0, 1], got {t.rollback_lr_factor}"
+            )
+        for name in ("max_bad_steps", "max_rollbacks", "spike_window"):
+            if getattr(t, name) < 1:
+                raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
+        if t.spike_zscore < 0:
+            raise UserError(f"train.spike_zscore must be >= 0 (0: off), got {t.spike_zscore}")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         for name in ("beta1", "beta2"):

@@ -70,15 +70,20 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     With `overwrite`, an existing `target` is replaced only after the new one is complete.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    # mkdtemp makes the folder private (0700); the finished one gets a new folder's usual
-    # permissions, as `mkdir` would give it.
-    os.chmod(tmp, _usual_mode(0o777))
+    made = _make_parents(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        # mkdtemp makes the folder private (0700); the finished one gets a new folder's
+        # usual permissions, as `mkdir` would give it.
+        os.chmod(tmp, _usual_mode(0o777))
+    except BaseException:
+        _remove_made(made)
+        raise
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)  # the folders made for it, too: a failure leaves nothing behind
         raise
     _fsync_dir(tmp)
     if target.exists():
@@ -92,6 +97,27 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     else:
         os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    missing.reverse()
+    for path in missing:
+        path.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove folders `_make_parents` created, innermost first, if they are still empty."""
+    for path in reversed(made):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def hide_directory(path: str | Path) -> Path:
@@ -115,9 +141,14 @@ def remove_directory(path: str | Path) -> None:
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in chunks."""
+    return file_digest(path, "sha256", chunk_bytes)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk_bytes: int = 1 << 22) -> str:
+    """Hex digest of a file, read in chunks, by any hashlib algorithm name."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)

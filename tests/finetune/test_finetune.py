@@ -277,6 +277,9 @@ def test_resume_against_another_base_is_refused(base_run, sft_file, tmp_path):
     from safetensors.torch import save_file
 
     save_file(weights, str(other / "model.safetensors"))
+    meta = json.loads((other / "meta.json").read_text())
+    del meta["files"]  # another model, not a corrupted copy of this one
+    (other / "meta.json").write_text(json.dumps(meta))
     from lmlab.config import load_config, merge, parse_override
 
     saved = merge(load_config(run / "config.yaml"), parse_override(f"finetune.base={other}"))
@@ -299,6 +302,9 @@ def _with_base(run: Path, base: Path) -> Path:
         merge(load_config(copy / "config.yaml"), parse_override(f"finetune.base={base}")),
         copy / "config.yaml",
     )
+    from lmlab.runs.checkpoint import record_hashes
+
+    record_hashes(copy)  # edited on purpose
     return copy
 
 

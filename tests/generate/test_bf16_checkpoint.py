@@ -12,7 +12,7 @@ from lmlab.config import build_config
 from lmlab.generate.batch import generate_batch
 from lmlab.generate.predict import PredictOptions, predict, read_inputs
 from lmlab.generate.sampling import generate
-from lmlab.runs.checkpoint import WEIGHTS_FILE
+from lmlab.runs.checkpoint import WEIGHTS_FILE, record_hashes
 from lmlab.runs.load import load_model
 from lmlab.train.loop import train
 
@@ -34,6 +34,7 @@ def test_bf16_saved_weights_load_as_float32_and_generate(flowroll_data: Path, tm
     [ckpt] = sorted((run / "checkpoints").iterdir())
     weights = load_file(ckpt / WEIGHTS_FILE)
     save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, ckpt / WEIGHTS_FILE)
+    record_hashes(ckpt)  # converted in place on purpose
     assert all(v.dtype == torch.bfloat16 for v in load_file(ckpt / WEIGHTS_FILE).values())
 
     loaded = load_model(run, "cpu")

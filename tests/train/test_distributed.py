@@ -266,7 +266,12 @@ def test_a_killed_rank_stops_the_job_and_keeps_the_checkpoint(flowroll_data: Pat
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(flowroll_data: Path, tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint(
+    sig, flowroll_data: Path, tmp_path: Path
+):
+    """Ctrl-C (to the terminal's process group) or SIGTERM (to the launcher): the same
+    one-line message and exit status 130 as one process, and no traceback."""
     args = [
         *("--preset", "ultra-tiny", "--data", str(flowroll_data), "--nproc", "2"),
         *COMMON,
@@ -289,20 +294,66 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_a_checkpoint(flowroll_data: Pa
                 break
             time.sleep(0.2)
         assert job.poll() is None, job.communicate()
-        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C does: every process gets it
+        if sig == signal.SIGINT:
+            os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C does: the foreground group gets it
+        else:
+            job.send_signal(signal.SIGTERM)
         out, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode != 0
+    assert job.returncode == 130, err
+    assert "Traceback" not in err and "failed" not in err, err
     run = only_run(tmp_path)
     (ckpt,) = list_checkpoints(run)
     step = read_meta(ckpt)["step"]
-    assert f"stopped at step {step}; checkpoint saved" in out
-    assert f"lmlab train --resume {run} --nproc 2" in err
+    assert f"stopped at step {step}; checkpoint saved. " in out
+    assert f"Continue with: lmlab train --resume {run} --nproc 2" in out
     cfg = build_config(config_file=str(run / "config.yaml"))
     cfg.train.max_steps = step + 1
     assert train(cfg, resume=run, log=quiet).state.step == step + 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_the_launcher_stops_its_workers(flowroll_data: Path, tmp_path: Path):
+    args = [
+        *("--preset", "ultra-tiny", "--data", str(flowroll_data), "--nproc", "2"),
+        *COMMON,
+        "train.max_steps=100000",
+        f"logging.runs_dir={tmp_path}",
+    ]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "lmlab", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    family: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_descendants(job.pid)) < 3:
+            time.sleep(0.2)  # torchrun and its two workers
+        family = _descendants(job.pid)
+        assert len(family) >= 3
+        job.kill()
+        job.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in family)
+    finally:
+        for pid in family:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # Fast checks of the pieces, in one process.

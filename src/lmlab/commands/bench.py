@@ -48,7 +48,16 @@ def main(argv: list[str]) -> int:
         help="train every weight, or LoRA adapters on a frozen base, fp32 or 4-bit NF4 (qlora)",
     )
     parser.add_argument(
-        "--nproc", type=int, default=None, metavar="K", help="run in K processes (starts torchrun)"
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="K",
+        help="run in K processes (starts torchrun); at most one per GPU, or per CPU core without GPUs",
+    )
+    parser.add_argument(
+        "--force-nproc",
+        action="store_true",
+        help="allow --nproc above the number of GPUs (or CPU cores) found here",
     )
     args = parser.parse_args(argv)
     for name in ("seq_len", "micro_batch", "steps"):
@@ -60,7 +69,7 @@ def main(argv: list[str]) -> int:
     if args.nproc is not None and args.nproc != 1:  # launch() refuses K < 1
         from lmlab.train.distributed.launch import launch
 
-        return launch("bench", args.nproc, argv)
+        return launch("bench", args.nproc, argv, device=args.device, force=args.force_nproc)
     result = bench(
         args.preset,
         seq_len=args.seq_len,

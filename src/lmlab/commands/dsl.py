@@ -79,6 +79,8 @@ def _generate(args: argparse.Namespace) -> int:
     lang = get_language(args.lang)
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of lines, got {args.n}")
+    if args.out != "-" and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder: name a file, or - for stdout")
     lines = generate_corpus(lang, args.n, args.seed, args.difficulty, args.split)
     text = "\n".join(lines) + "\n"
     if args.out == "-":

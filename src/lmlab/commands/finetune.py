@@ -94,6 +94,8 @@ def main(argv: list[str]) -> int:
         "--stop-at-step", type=int, metavar="N", help="stop (with a checkpoint) after step N"
     )
     args = parser.parse_args(argv)
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        parser.error(f"--stop-at-step must be a step >= 1, got {args.stop_at_step}")
 
     overrides = list(args.overrides)
     for flag, key in (

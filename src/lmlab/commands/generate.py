@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from lmlab.errors import UserError
 from lmlab.generate.text import generate_text
 from lmlab.runs.device import select_device
 from lmlab.runs.load import build_from_checkpoint
@@ -36,6 +37,13 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     model, tokenizer, _, _ = build_from_checkpoint(args.checkpoint, select_device(args.device))
+    unknown = tokenizer.unknown_characters(args.prompt)
+    if unknown:  # the model would read <|unk|> for each: not the prompt the user wrote
+        shown = " ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise UserError(
+            f"the prompt has characters outside the model's vocabulary: {shown}; "
+            "use only characters of its training data"
+        )
     sys.stdout.write(args.prompt)
     with torch.inference_mode():
         for piece in generate_text(

@@ -4,6 +4,7 @@ with --finetune, the fine-tuning workshop (a Shakespeare base, LoRA vs full fine
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -44,6 +45,8 @@ def main(argv: list[str]) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file: name a folder for the data and runs")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.finetune:
         from lmlab.experiments.workshop import run_workshop

@@ -62,6 +62,8 @@ def main(argv: list[str]) -> int:
         args.vocab_size = MAX_VOCAB_SIZE
     check_vocab_size(args.kind, args.vocab_size)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: name a folder to write tokenizer.json into")
     if (out / "tokenizer.json").exists() and not args.overwrite:
         raise UserError(
             f"{out / 'tokenizer.json'} already exists: choose another --out or pass --overwrite"

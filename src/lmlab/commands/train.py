@@ -59,7 +59,9 @@ def main(argv: list[str]) -> int:
         "--resume",
         default=None,
         metavar="RUN_DIR",
-        help="continue a run folder, or 'latest' (the newest run with a checkpoint under ./runs, or under logging.runs_dir=DIR if given)",
+        help="continue a run folder (from its newest checkpoint that verifies; a corrupt one is set aside), "
+        "a checkpoint folder RUN/checkpoints/step_N (later ones are set aside), or 'latest' (the newest run "
+        "with a checkpoint under ./runs, or under logging.runs_dir=DIR if given)",
     )
     parser.add_argument(
         "--stop-at-step",
@@ -73,7 +75,13 @@ def main(argv: list[str]) -> int:
         type=int,
         default=None,
         metavar="K",
-        help="train in K processes on this machine (starts torchrun; one per GPU, or gloo on CPU)",
+        help="train in K processes on this machine (starts torchrun; one per GPU, or gloo on CPU); "
+        "at most one per GPU, or per CPU core without GPUs",
+    )
+    parser.add_argument(
+        "--force-nproc",
+        action="store_true",
+        help="allow --nproc above the number of GPUs (or CPU cores) found here",
     )
     parser.add_argument(
         "--new",
@@ -81,6 +89,8 @@ def main(argv: list[str]) -> int:
         help="start a new run without offering to resume one of the same name",
     )
     args = parser.parse_args(argv)
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        parser.error(f"--stop-at-step must be a step >= 1, got {args.stop_at_step}")
     if args.resume and (args.preset or args.config):
         parser.error(
             "--resume continues a run with its saved config; --preset/--config cannot change it"
@@ -97,7 +107,15 @@ def main(argv: list[str]) -> int:
     if args.nproc is not None and args.nproc != 1:  # launch() refuses K < 1
         from lmlab.train.distributed.launch import launch
 
-        return launch("train", args.nproc, argv)
+        device = next(
+            (
+                o.split("=", 1)[1]
+                for o in reversed(_overrides(args))
+                if o.startswith("train.device=")
+            ),
+            "auto",
+        )
+        return launch("train", args.nproc, argv, device=device, force=args.force_nproc)
 
     overrides = _overrides(args)
 
@@ -127,7 +145,11 @@ def main(argv: list[str]) -> int:
         result = train(cfg, stop_at_step=args.stop_at_step, log=_log, live=sys.stdout.isatty())
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
         print(f"run folder: {result.run_dir}")
-    return 130 if result.interrupted and args.stop_at_step is None else 0
+    if result.interrupted and args.stop_at_step is None:
+        from lmlab.train.distributed.launch import launched
+
+        return 0 if launched() else 130  # under --nproc the launcher gives the exit status
+    return 0
 
 
 PRESET_OPTIONS = ("--preset", "-p", "--config", "-c")

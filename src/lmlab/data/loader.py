@@ -38,8 +38,12 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        vocab_size: int | None = None,
     ):
+        """With `vocab_size`, every window read is checked for token ids beyond it (one max
+        over the batch; a corrupt shard would otherwise crash the embedding lookup)."""
         self.shards, self.batch_size, self.seq_len = split.shards, batch_size, seq_len
+        self.files, self.vocab_size = split.files, vocab_size
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         windows = count_windows(split, seq_len)
         self.first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
@@ -84,7 +88,20 @@ class TokenLoader:
         for row, (w, s) in enumerate(zip(window_ids, shard_ids, strict=True)):
             start = int(w - self.first_window[s]) * self.seq_len
             rows[row] = self.shards[s][start : start + self.seq_len + 1]
+        if self.vocab_size is not None and rows.size and rows.max() >= self.vocab_size:
+            self._out_of_vocab(rows, window_ids, shard_ids)
         return torch.from_numpy(rows)
+
+    def _out_of_vocab(self, rows: np.ndarray, window_ids: np.ndarray, shard_ids: np.ndarray):
+        row, col = np.argwhere(rows >= self.vocab_size)[0]
+        s = int(shard_ids[row])
+        offset = int(window_ids[row] - self.first_window[s]) * self.seq_len + int(col)
+        name = self.files[s] if self.files else f"shard {s}"
+        raise UserError(
+            f"{name} holds token id {int(rows[row, col])} at token {offset:,}, beyond the "
+            f"vocabulary ({self.vocab_size:,}): the shard is corrupt (`lmlab data verify` checks "
+            "every shard; prepare the data again)"
+        )
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (B, seq_len) int64 on the CPU."""

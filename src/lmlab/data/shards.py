@@ -165,11 +165,22 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(
+            f"{path} is not a manifest (a JSON {type(manifest).__name__}, not an object)"
+        )
     version = manifest.get("version")
     if manifest.get("format") != "lmlab-token-shards" or version != MANIFEST_VERSION:
         raise UserError(
             f"{path}: unsupported manifest (format {manifest.get('format')!r}, version {version!r})"
         )
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not all(
+        isinstance(s, dict) and isinstance(s.get("shards"), list) for s in splits.values()
+    ):
+        raise UserError(f"{path} has no valid 'splits' (the manifest is damaged)")
+    if not isinstance(manifest.get("tokenizer"), dict) or "file" not in manifest["tokenizer"]:
+        raise UserError(f"{path} names no tokenizer file (the manifest is damaged)")
     return manifest
 
 
@@ -178,6 +189,8 @@ class TokenSplit:
     """All shards of one split, memory-mapped, addressed as one long token stream."""
 
     shards: list[np.ndarray]
+    files: list[Path] | None = None
+    """The shards' paths, for error messages."""
 
     @property
     def num_tokens(self) -> int:
@@ -185,12 +198,26 @@ class TokenSplit:
 
 
 def open_split(data_dir: str | Path, split: str) -> TokenSplit:
-    """Memory-map every shard of `split` ("train" or "val") listed in the manifest."""
+    """Memory-map every shard of `split` ("train" or "val") listed in the manifest, after
+    checking each one's header, size and token count against the manifest (no token is
+    read: `verify` reads them all)."""
     manifest = load_manifest(data_dir)
     if split not in manifest["splits"]:
         raise UserError(f"{data_dir} has no {split!r} split (has: {', '.join(manifest['splits'])})")
-    entries = manifest["splits"][split]["shards"]
-    return TokenSplit([open_shard(Path(data_dir) / e["file"]) for e in entries])
+    shards, files = [], []
+    for entry in manifest["splits"][split]["shards"]:
+        path = Path(data_dir) / entry["file"]
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the data directory is incomplete")
+        tokens = open_shard(path)
+        if len(tokens) != entry.get("tokens"):
+            raise UserError(
+                f"{path} holds {len(tokens):,} tokens, the manifest says {entry.get('tokens')}: "
+                "the shard was changed or replaced"
+            )
+        shards.append(tokens)
+        files.append(path)
+    return TokenSplit(shards, files)
 
 
 def verify(data_dir: str | Path) -> list[str]:

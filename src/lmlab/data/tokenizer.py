@@ -59,6 +59,20 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def unknown_characters(self, text: str) -> list[str]:
+        """The characters of `text` that encode as `<|unk|>` (only a char-level vocabulary
+        has them: byte-level BPE encodes every string)."""
+        unk_id = self.tokenizer.token_to_id(UNK)
+        if unk_id is None:
+            return []
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        found = (
+            text[a:b]
+            for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)
+            if i == unk_id
+        )
+        return sorted(set(found))
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

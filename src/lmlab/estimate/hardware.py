@@ -79,6 +79,8 @@ def load_hardware(path: str | Path | None = None) -> dict[str, Hardware]:
     return _parse(data, str(path))
 
 
+# More accelerators than any cluster holds: a typo (or a test of the limits), not a plan.
+MAX_DEVICES = 1_000_000
 _SPEC = re.compile(r"^\s*(?:(\d+)\s*[x*]\s*)?([a-z0-9][a-z0-9_.-]*)\s*$")
 
 
@@ -92,8 +94,8 @@ def parse_hardware_spec(
         raise UserError(f"cannot read hardware {spec!r}; write e.g. 'h100' or '4xH20'")
     count = int(match.group(1) or 1)
     name = match.group(2)
-    if count < 1:
-        raise UserError(f"hardware count must be at least 1, got {spec!r}")
+    if not 1 <= count <= MAX_DEVICES:
+        raise UserError(f"hardware count must be between 1 and {MAX_DEVICES:,}, got {spec!r}")
     if name not in presets:
         raise UserError(
             f"unknown hardware {name!r}{suggest(name, list(presets))}; "

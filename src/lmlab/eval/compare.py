@@ -168,10 +168,11 @@ def compare_models(
     model 0 for A and 1 for B.
     Metrics are checked before any model is loaded, so a typo costs no generation.
     """
-    from lmlab.eval.score import parse_metrics
+    from lmlab.eval.score import check_bootstrap, parse_metrics
     from lmlab.runs.load import load_model
 
     options.check()
+    check_bootstrap(bootstrap, seed)
     if metrics is not None:
         parse_metrics(metrics)
     names = (model_a, model_b)

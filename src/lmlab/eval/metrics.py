@@ -36,7 +36,8 @@ def evaluate_loss(
     the split's bytes-per-token ratio: it compares models across tokenizers.
     """
     windows = max(1, sum(count_windows(split, seq_len)))
-    loader = TokenLoader(split, min(batch_size, windows), seq_len, shuffle=False)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    loader = TokenLoader(split, min(batch_size, windows), seq_len, shuffle=False, vocab_size=vocab)
     n_batches = (
         loader.batches_per_epoch if max_batches <= 0 else min(max_batches, loader.batches_per_epoch)
     )

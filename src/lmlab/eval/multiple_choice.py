@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import UserError
-from lmlab.eval.score import CONFIDENCE, MetricScore, bootstrap_resamples, percentile_interval
+from lmlab.eval.score import (
+    CONFIDENCE,
+    MetricScore,
+    bootstrap_resamples,
+    check_bootstrap,
+    percentile_interval,
+)
 from lmlab.runs.load import LoadedModel
 
 FORMAT = "lmlab-multiple-choice"
@@ -211,8 +217,7 @@ def score_task(
     on_progress: Callable[[int], None] | None = None,
 ) -> ChoiceReport:
     """Accuracy and acc_norm of a model on examples, with bootstrap 95% intervals."""
-    if isinstance(bootstrap, bool) or bootstrap < 0:
-        raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
+    check_bootstrap(bootstrap, seed)
     scores, truncated = choice_loglikelihoods(
         loaded, examples, batch_size=batch_size, on_progress=on_progress
     )

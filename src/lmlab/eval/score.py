@@ -219,6 +219,14 @@ def metric_scale(name: str) -> str:
     return "0-100" if name in CORPUS_METRICS else "0-1"
 
 
+def check_bootstrap(bootstrap: int, seed: int) -> None:
+    """Resamples: a count >= 0; the seed: a numpy seed, an integer >= 0."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise UserError(f"--bootstrap must be a number of resamples >= 0, got {bootstrap!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"the bootstrap seed must be an integer >= 0, got {seed!r}")
+
+
 def parse_metrics(metrics: str | Sequence[str]) -> list[Metric]:
     """Metric names from "a,b,c" or a list, in order, duplicates dropped; UserError on
     an unknown one."""
@@ -326,8 +334,7 @@ def score_records(
         locations, source = [f"record {i + 1}" for i in range(len(rows))], None
     if not rows:
         raise UserError("no records to score")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise UserError(f"--bootstrap must be a number of resamples >= 0, got {bootstrap!r}")
+    check_bootstrap(bootstrap, seed)
     if metrics is None:
         every_dsl = all("dsl" in r for r in rows)
         chosen = [*TEXT_METRICS, *([EXECUTION_METRIC] if every_dsl else [])]

@@ -51,6 +51,8 @@ def is_run_dir(path: str | Path) -> bool:
 def find_runs(runs_dir: str | Path, name: str | None = None) -> list[Path]:
     """Run folders RUNS_DIR/NAME/RUN_ID (of one name, or all), sorted by name, then id."""
     root = Path(runs_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root} is a file, not a folder of runs: pass the folder (--runs-dir)")
     names = [root / name] if name else sorted(p for p in root.glob("*") if p.is_dir())
     return [
         run

@@ -4,15 +4,20 @@
     {"step": 10, "loss": 2.31, "lr": ..., "tokens_seen": ..., "tokens_per_s": ..., "elapsed_s": ...}
     {"step": 200, "val_loss": 1.95, "val_perplexity": ..., "elapsed_s": ...}
 
+    {"event": "rollback", "step": 300, ...}                      a rollback went back to step 300
+
 `elapsed_s` is the wall clock of the invocation that wrote the line. A run resumed from a
 checkpoint at step N repeats the steps after N that the stopped invocation had already
 logged; `read_metrics` keeps only the records of the history that the run actually has.
-TensorBoard events (when the package is installed) mirror the same numbers.
+Every line is strict JSON: a non-finite number is written as null and its key listed in
+"nonfinite". TensorBoard events (when the package is installed) mirror the same numbers,
+and a resume purges the events past the step it resumed from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,23 +29,35 @@ class MetricsLog:
     """Appends records to metrics.jsonl (and TensorBoard), flushing each one."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = False):
-        self.path = Path(run_dir) / METRICS_NAME
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_NAME
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._tb = _tensorboard(Path(run_dir)) if tensorboard else None
+        self._tensorboard = tensorboard
+        self._tb = None
 
-    def start(self, step: int) -> None:
-        """Mark where this invocation starts (0, or the step it resumed from)."""
-        self._write({"event": "start", "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    def start(self, step: int, event: str = "start") -> None:
+        """Mark where this invocation starts (0, or the step it resumed from), or where a
+        rollback took the run back to (event="rollback"). TensorBoard drops the events
+        after `step` that a stopped invocation (or the rolled-back steps) had written."""
+        self._write({"event": event, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if self._tensorboard:
+            if self._tb is not None:
+                self._tb.close()
+            self._tb = _tensorboard(self.run_dir, purge_step=step + 1 if step > 0 else None)
 
     def write(self, entry: dict[str, Any]) -> None:
         self._write(entry)
         if self._tb is not None:
             for key, value in entry.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, entry["step"])
 
     def _write(self, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps(entry) + "\n")
+        # Strict JSON: a non-finite number is written as null, and named in "nonfinite".
+        bad = [k for k, v in entry.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            entry = {**{k: (None if k in bad else v) for k, v in entry.items()}, "nonfinite": bad}
+        self._file.write(json.dumps(entry, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -69,7 +86,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The run's history: step records, without those a later resume superseded."""
     history: list[dict[str, Any]] = []
     for record in read_records(run_dir):
-        if record.get("event") == "start":
+        if record.get("event") in ("start", "rollback"):
             history = [r for r in history if r["step"] <= record["step"]]
         else:
             history.append(record)
@@ -101,9 +118,9 @@ def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)

@@ -147,4 +147,6 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
         "peak_memory_bytes": peak_bytes,
         "memory_after_steps_bytes": after_steps_bytes,
         "memory_measure": measure + (" (largest of the processes)" if env.enabled else ""),
+        "cpu_threads": torch.get_num_threads() if torch_device.type == "cpu" else None,
+        "cpu_threads_note": engine.threads_note or None,
     }

@@ -4,8 +4,10 @@
                 the run folder under its lock, build the engine (train/setup.py, shared
                 with `lmlab bench`) and the data loader
     resume      restore weights, optimizer, loader cursor, train state and RNG from the
-                newest checkpoint
-    step        one optimizer step (train/setup.py: train_step)
+                newest checkpoint that verifies against its hashes (or the one named)
+    step        one optimizer step (train/setup.py: train_step); a step with a non-finite
+                loss or gradient changes nothing, and train.on_nonfinite decides what
+                follows a run of them: stop, or roll back to the last good checkpoint
     log         loss, learning rate, tokens/s, MFU, ETA every logging.interval steps
     evaluate    validation loss every eval.interval steps and at the end
     save        an atomic checkpoint every checkpoint.interval steps, at the end and on
@@ -66,6 +68,13 @@ RESUMABLE_CHANGES = {
     ("train", "cpu_threads"),
     ("train", "strategy"),
     ("train", "activation_checkpointing"),
+    ("train", "on_nonfinite"),
+    ("train", "max_bad_steps"),
+    ("train", "rollback_lr_factor"),
+    ("train", "max_rollbacks"),
+    ("train", "spike_zscore"),
+    ("train", "spike_window"),
+    ("train", "verify_data"),
     ("data", "path"),
     ("finetune", "base"),  # the base may move; its weights' SHA-256 must not change
     *(("eval", f.name) for f in dataclasses.fields(EvalConfig)),
@@ -81,6 +90,8 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     best_val_loss: float | None = None
+    lr_scale: float = 1.0
+    """The schedule's learning rate is multiplied by this (rollbacks lower it)."""
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +102,7 @@ class TrainState:
             d["tokens_seen"],
             d["best_val_loss"],
         )
+        self.lr_scale = d.get("lr_scale", 1.0)  # checkpoints from before rollbacks
 
 
 @dataclass
@@ -166,6 +178,9 @@ class Trainer:
         self.lock: RunLock | None = None
         self.metrics: MetricsLog | None = None
         self._midline = False  # a live progress line is on screen, without its newline
+        self.finished_before = False  # resumed a run that had already reached max_steps
+        self.rollbacks = 0
+        self.logged_losses: list[float] = []  # the window spike detection compares with
         try:
             self._set_up(cfg, resume)
         except BaseException:
@@ -176,11 +191,12 @@ class Trainer:
     def _set_up(self, cfg: Config, resume: str | Path | None) -> None:
         env, device = self.env, self.device
         cfg = Config.from_dict(cfg.to_dict())  # a private copy: the vocab may be set from the data
+        _absolute_paths(cfg)
         last = None
         if resume is not None:
-            self.run_dir = Path(resume)
+            self.run_dir, named = _run_dir_of(Path(resume))
             self._lock_run_folder()
-            last = _newest_checkpoint(self.run_dir)
+            last = self._checkpoint_to_resume(named)
             saved = load_config(self.run_dir / "config.yaml")
             cfg.model.vocab_size = saved.model.vocab_size  # set from the data at the start
             _check_resume_compatible(saved, cfg)
@@ -190,7 +206,13 @@ class Trainer:
             _check_same_tokenizer(last, self.tokenizer)
         cfg.validate()
         self.cfg, t = cfg, cfg.train
-        self.engine = build_engine(cfg, env, device, lambda: task.build_model(cfg, last))
+        self.engine = build_engine(
+            cfg,
+            env,
+            device,
+            lambda: task.build_model(cfg, last),
+            cpu_threads=_saved_threads(last),  # a resumed run keeps its count: bit-exact
+        )
         self.num_params = self.engine.model.num_params()
         self.flops_per_token = self.engine.model.flops_per_token(cfg.seq_len)
         micro, world = t.micro_batch_size, env.world_size
@@ -205,11 +227,29 @@ class Trainer:
         self.state = TrainState()
         if last is not None:
             self.resume_from(last)
+            self.finished_before = self.state.step >= t.max_steps
         else:
             self._new_run_folder()
-        self._open_run_folder()
+        if not self.finished_before:  # resuming a finished run writes nothing
+            self._open_run_folder()
         self.result = TrainResult(self.run_dir, self.state, cfg)
         self.last_eval: dict[str, float] | None = None
+
+    def _checkpoint_to_resume(self, named: Path | None) -> Path:
+        """Rank 0 picks the checkpoint (`named`, or the newest that verifies), sets aside
+        what it must and removes interrupted saves' leftovers; every rank learns the pick."""
+        choice: Path | str | None = None
+        if self.env.is_main:
+            try:
+                for leftover in ckpt_io.remove_leftovers(self.run_dir):
+                    self.log(f"removed {leftover.name}, left by an interrupted save")
+                choice = _pick_checkpoint(self.run_dir, named, self.log)
+            except UserError as e:
+                choice = f"error: {e}"
+        choice = runtime.broadcast_object(choice, self.env)
+        if isinstance(choice, str):
+            raise UserError(choice.removeprefix("error: "))
+        return choice
 
     def _lock_run_folder(self) -> None:
         """Rank 0 holds the run's lock; every rank learns whether it got it."""
@@ -261,13 +301,14 @@ class Trainer:
             self.metrics.close()
             self.metrics = None
         if self.lock is not None:
-            write_status(self.run_dir, status, step=self.state.step, error=error)
+            if not self.finished_before:
+                write_status(self.run_dir, status, step=self.state.step, error=error)
             self.lock.release()
             self.lock = None
 
     # -- resume ---------------------------------------------------------------------------
 
-    def resume_from(self, ckpt: Path) -> None:
+    def resume_from(self, ckpt: Path, quiet: bool = False) -> None:
         """Optimizer, scaler, data cursor, train state and RNG from a checkpoint (the
         weights were loaded before parallelizing, in `build_engine`)."""
         e = self.engine
@@ -277,6 +318,8 @@ class Trainer:
         self.loader.load_state_dict(saved["loader"])
         self.state.load_state_dict(saved["train"])
         _set_rng_state(saved["rng"])
+        if quiet:
+            return
         self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.state.step})")
         before = saved.get("layout")
         if before and before["tokens_per_step"] != self.tokens_per_step:
@@ -290,31 +333,45 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train to train.max_steps, or until stopped; every phase is a method below."""
         t, state = self.cfg.train, self.state
+        if self.finished_before:
+            self.log(
+                f"{self.run_dir} already trained to step {state.step} (train.max_steps="
+                f"{t.max_steps}): nothing to do; set a larger train.max_steps to train on"
+            )
+            return self.result
         self.log(self.describe())
         if state.step == 0 and self.cfg.eval.interval:
             self.evaluate()
         self.engine.model.train()
         meter = _Meter(self.device)
+        check_every_step = self.device.type == "cpu"  # reading a flag back costs nothing there
         with _StopFlag(repeat_stops_at_once=not self.env.enabled) as stop:
             while state.step < t.max_steps:
-                lr = lr_at(state.step, t)
-                meter.add(self.task.step(self.engine, self.loader, self.accum, lr, t.grad_clip))
+                lr = lr_at(state.step, t) * state.lr_scale
+                loss = self.task.step(self.engine, self.loader, self.accum, lr, t.grad_clip)
+                meter.add(loss, self.engine.skipped)
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 final = state.step == t.max_steps
-                if state.step % self.cfg.logging.interval == 0 or final:
-                    self.log_progress(meter, lr)
+                logging = state.step % self.cfg.logging.interval == 0 or final
+                evaluated = self._due(self.cfg.eval.interval) or final
+                stopping = runtime.any_rank(stop.requested, self.env) or (
+                    stop_at_step is not None and state.step >= stop_at_step
+                )
+                saving = final or stopping or self._due(self.cfg.checkpoint.interval)
+                if (check_every_step or logging or evaluated or saving) and self._bad_steps(meter):
+                    continue  # rolled back: the loop goes on from the checkpoint's step
+                if logging and self.log_progress(meter, lr):
+                    continue
                 with meter.paused():  # evaluating and saving are not training: not in tokens/s
-                    evaluated = self._due(self.cfg.eval.interval) or final
-                    if evaluated:
-                        self.evaluate()
-                    stopping = runtime.any_rank(stop.requested, self.env) or (
-                        stop_at_step is not None and state.step >= stop_at_step
-                    )
-                    if final or stopping or self._due(self.cfg.checkpoint.interval):
-                        self.save(
-                            self.last_eval["val_loss"] if evaluated and self.last_eval else None
-                        )
+                    if evaluated and self.evaluate() is False:
+                        meter.reset()
+                        continue
+                    if saving and not self.save(
+                        self.last_eval["val_loss"] if evaluated and self.last_eval else None
+                    ):
+                        meter.reset()
+                        continue
                 if stopping and not final:
                     self._stopped()
                     break
@@ -322,14 +379,99 @@ class Trainer:
         self.result.final_eval = self.last_eval
         return self.result
 
+    # -- non-finite steps and spikes ------------------------------------------------------
+
+    def _bad_steps(self, meter: _Meter) -> bool:
+        """Act on a run of non-finite steps as train.on_nonfinite says; True if it rolled
+        back (one host read of a flag the steps kept on the device)."""
+        t = self.cfg.train
+        run = int(meter.bad_run.item())
+        limit = 1 if t.on_nonfinite == "stop" else t.max_bad_steps
+        if run < limit:
+            return False
+        why = f"{run} step(s) in a row with a non-finite loss or gradients"
+        self._diverged(why, meter)
+        return True
+
+    def _diverged(self, why: str, meter: _Meter | None = None) -> None:
+        """Roll back (on_nonfinite=rollback) or stop with a one-line error."""
+        t = self.cfg.train
+        if t.on_nonfinite == "rollback" and self.rollbacks < t.max_rollbacks:
+            self._rollback(why)
+            if meter is not None:
+                meter.clear()
+            return
+        self._end_line()
+        advice = (
+            f"gave up after {self.rollbacks} rollback(s)"
+            if t.on_nonfinite == "rollback"
+            else "train.on_nonfinite=rollback goes back to the last good checkpoint instead"
+        )
+        raise UserError(
+            f"training diverged at step {self.state.step}: {why}; no checkpoint was written "
+            f"from it. Lower train.lr (now {t.lr:g}) or raise train.warmup_steps; {advice}"
+        )
+
+    def _rollback(self, why: str) -> None:
+        """Rebuild the engine from the newest checkpoint that verifies (or the initial
+        weights) and go on with the learning rate times train.rollback_lr_factor."""
+        cfg, t = self.cfg, self.cfg.train
+        self.rollbacks += 1
+        was, scale = self.state.step, self.state.lr_scale * t.rollback_lr_factor
+        ckpt: Path | str | None = None
+        if self.env.is_main:
+            ckpt = next(
+                (c for c in reversed(ckpt_io.list_checkpoints(self.run_dir)) if _verifies(c)),
+                None,
+            )
+        ckpt = runtime.broadcast_object(ckpt, self.env)
+        self.engine = None  # type: ignore[assignment]  # free the old weights before loading
+        self.engine = build_engine(
+            cfg,
+            self.env,
+            self.device,
+            lambda: self.task.build_model(cfg, ckpt),
+            cpu_threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
+        )
+        self.loader = self.task.train_loader(cfg, self.env)
+        self.state.load_state_dict(TrainState().state_dict())
+        if ckpt is not None:
+            self.resume_from(ckpt, quiet=True)
+        self.state.lr_scale = scale
+        self.engine.model.train()
+        self.logged_losses.clear()
+        if self.metrics is not None:
+            self.metrics.start(self.state.step, event="rollback")
+        self._end_line()
+        self.log(
+            f"step {was}: {why}; rolled back to "
+            f"{ckpt.name if ckpt else 'the initial weights'} (step {self.state.step}) with the "
+            f"learning rate x{scale:g} (rollback {self.rollbacks} of at most {t.max_rollbacks})"
+        )
+
+    def _spike(self, loss: float) -> float | None:
+        """The z-score of a logged loss against the previous train.spike_window ones when
+        it exceeds train.spike_zscore (None: not a spike, or detection is off)."""
+        t, window = self.cfg.train, self.logged_losses
+        z = None
+        if t.spike_zscore > 0 and len(window) >= t.spike_window:
+            mean = sum(window) / len(window)
+            std = math.sqrt(sum((x - mean) ** 2 for x in window) / len(window))
+            if std > 0 and (loss - mean) / std > t.spike_zscore:
+                z = (loss - mean) / std
+        window.append(loss)
+        del window[: -t.spike_window]
+        return z
+
     def _due(self, interval: int) -> bool:
         return bool(interval) and self.state.step % interval == 0
 
     def _stopped(self) -> None:
         self._end_line()
+        nproc = f" --nproc {self.env.world_size}" if self.env.world_size > 1 else ""
         self.log(
             f"stopped at step {self.state.step}; checkpoint saved. "
-            f"Continue with: lmlab {self.task.command} --resume {self.run_dir}"
+            f"Continue with: lmlab {self.task.command} --resume {self.run_dir}{nproc}"
         )
         self.result.interrupted = True
 
@@ -366,7 +508,8 @@ class Trainer:
             f"model {cfg.model.family} {self.num_params / 1e6:.2f}M params | "
             f"{micro} seq x {self.accum} accum x {world} proc = {micro * self.accum * world} seq "
             f"x {cfg.seq_len} tokens = {self.tokens_per_step:,} tokens/step | {layout}"
-            f"{self.device.type} {precision_name(e.amp_dtype)} | {t.max_steps} steps"
+            f"{self.device.type} {precision_name(e.amp_dtype)}"
+            f"{', ' + e.threads_note if e.threads_note else ''} | {t.max_steps} steps"
             f"{self._data_budget()} | run {self.run_dir}"
         )
 
@@ -386,41 +529,60 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(entry)
 
-    def log_progress(self, meter: _Meter, lr: float) -> None:
-        """The one host sync per interval (and, with several ranks, one all-reduce)."""
+    def log_progress(self, meter: _Meter, lr: float) -> bool:
+        """The one host sync per interval (and, with several ranks, one all-reduce). True
+        if a loss spike made it roll back."""
         t, world = self.cfg.train, self.env.world_size
-        loss = runtime.mean_across_ranks(meter.loss_sum, self.env).item() / meter.steps
+        skipped = int(meter.skipped_sum.item())
+        good = meter.steps - skipped
+        loss_sum = runtime.mean_across_ranks(meter.loss_sum, self.env).item()
+        loss = loss_sum / good if good else None
         synchronize(self.device)
         step_time_s = meter.elapsed_s() / meter.steps
         tokens_per_s = self.tokens_per_step / step_time_s
         peak = peak_flops(self.device)
         # MFU per device: the job's FLOP/s over the peak of all its devices.
         mfu = self.flops_per_token * tokens_per_s / (peak * world) if peak else None
-        self.record(
-            {
-                "step": self.state.step,
-                "loss": loss,
-                "lr": lr,
-                "tokens_seen": self.state.tokens_seen,
-                "tokens_per_s": tokens_per_s,
-                "step_time_s": step_time_s,
-                "mfu": mfu,
-                "peak_memory_bytes": peak_memory(self.device)[0],
-                **self.task.progress_metrics(),
-            }
-        )
+        z = self._spike(loss) if loss is not None else None
+        entry = {
+            "step": self.state.step,
+            "loss": loss,
+            "lr": lr,
+            "tokens_seen": self.state.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time_s,
+            "mfu": mfu,
+            "peak_memory_bytes": peak_memory(self.device)[0],
+            **self.task.progress_metrics(),
+        }
+        if skipped:
+            entry["skipped_steps"] = skipped
+        if z is not None:
+            entry["loss_spike_z"] = z
+        self.record(entry)
         eta_s = (t.max_steps - self.state.step) * step_time_s
         line = (
-            f"step {self.state.step}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"step {self.state.step}/{t.max_steps} | loss "
+            f"{f'{loss:.4f}' if loss is not None else 'n/a'} | lr {lr:.2e} | "
             f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
             f"ETA {_duration(eta_s)}"
+            + (f" | skipped {skipped} non-finite step(s)" if skipped else "")
         )
-        if self.live:
+        if self.live and not skipped:
             self.log("\r" + line.ljust(100), end="")
             self._midline = True
         else:
+            self._end_line()
             self.log(line)
         meter.reset()
+        if z is None:
+            return False
+        why = f"loss spike ({loss:.4f}, {z:.1f} standard deviations above the last {t.spike_window} logged)"
+        if t.on_nonfinite == "skip":
+            self.log(f"warning: step {self.state.step}: {why}")
+            return False
+        self._diverged(why, meter)
+        return True
 
     def _end_line(self) -> None:
         """End a live progress line before printing anything else."""
@@ -430,12 +592,17 @@ class Trainer:
 
     # -- evaluate -------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float] | None:
-        """The task's validation metrics (None when it has no validation data)."""
+    def evaluate(self) -> dict[str, float] | None | bool:
+        """The task's validation metrics (None when it has no validation data). A
+        non-finite val loss is a divergence: False if it rolled back, else an error."""
         metrics = self.task.evaluate(self.engine, self.cfg)
         if metrics is None:
             return None
         self.record({"step": self.state.step, **metrics})
+        if not math.isfinite(metrics["val_loss"]):
+            self.last_eval = None
+            self._diverged(f"the validation loss is {metrics['val_loss']}")
+            return False
         if self.state.best_val_loss is None or metrics["val_loss"] < self.state.best_val_loss:
             self.state.best_val_loss = metrics["val_loss"]
         self.last_eval = metrics
@@ -450,11 +617,19 @@ class Trainer:
 
     # -- save -----------------------------------------------------------------------------
 
-    def save(self, val_loss: float | None) -> None:
-        """Gather the full state (a collective under fsdp and zero1), rank 0 writes it."""
+    def save(self, val_loss: float | None) -> bool:
+        """Gather the full state (a collective under fsdp and zero1), rank 0 writes it.
+        Weights that are not all finite are never written: that is a divergence (False if
+        it rolled back, else an error)."""
         e, cfg = self.engine, self.cfg
         weights = self.task.checkpoint_weights(e)
         optimizer_state = full_optimizer_state(e.model, e.optimizer, self.env)
+        finite = runtime.broadcast_object(
+            _all_finite(weights) if self.env.is_main else None, self.env
+        )
+        if not finite:
+            self._diverged("the weights are no longer all finite")
+            return False
         if self.env.is_main:
             state = {
                 "optimizer": optimizer_state,
@@ -473,6 +648,8 @@ class Trainer:
                 "tokens_seen": self.state.tokens_seen,
                 "val_loss": val_loss,
             }
+            if self.device.type == "cpu":
+                meta["cpu_threads"] = torch.get_num_threads()
             ckpt_io.save_checkpoint(
                 self.run_dir,
                 weights,
@@ -486,24 +663,39 @@ class Trainer:
             ckpt_io.prune_checkpoints(
                 self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
             )
+            ckpt_io.remove_leftovers(self.run_dir)
             write_status(self.run_dir, "running", step=self.state.step)
         runtime.barrier(self.env)
+        return True
 
 
 class _Meter:
-    """The loss summed on the device and the wall clock of the current logging interval,
-    with pauses (evaluation, checkpoints) left out."""
+    """On the device: the loss summed over the current logging interval's good steps, the
+    steps it skipped, and the length of the current run of skipped steps; on the host, the
+    wall clock with pauses (evaluation, checkpoints) left out."""
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
+        self.skipped_sum = torch.zeros((), device=device)
+        self.bad_run = torch.zeros((), device=device)
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        self.skipped_sum.zero_()
         self.steps, self.started = 0, time.perf_counter()
 
-    def add(self, step_loss: torch.Tensor) -> None:
-        self.loss_sum += step_loss
+    def clear(self) -> None:
+        """Forget everything (after a rollback)."""
+        self.bad_run.zero_()
+        self.reset()
+
+    def add(self, step_loss: torch.Tensor, skipped: torch.Tensor | None) -> None:
+        if skipped is None:  # a task whose step does not report skips
+            skipped = torch.zeros_like(self.skipped_sum)
+        self.loss_sum += torch.where(skipped > 0, 0.0, step_loss)
+        self.skipped_sum += skipped
+        self.bad_run.mul_(skipped).add_(skipped)  # +1 while skipping, back to 0 on a good step
         self.steps += 1
 
     def elapsed_s(self) -> float:
@@ -550,11 +742,70 @@ class _StopFlag:
 # -- set-up checks --------------------------------------------------------------------------
 
 
-def _newest_checkpoint(run_dir: Path) -> Path:
+def _absolute_paths(cfg: Config) -> None:
+    """Data paths as absolute paths, so the run's config works from any directory."""
+    cfg.data.path = _absolute(cfg.data.path)
+    cfg.finetune.data = _absolute(cfg.finetune.data)
+    cfg.finetune.val_data = _absolute(cfg.finetune.val_data)
+
+
+def _absolute(path: str) -> str:
+    if not path or path.startswith("hf:") or not Path(path).exists():
+        return path  # empty, a Hub name, or a missing path that set-up reports
+    return os.path.abspath(path)
+
+
+def _run_dir_of(path: Path) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint) for `--resume RUN` or `--resume RUN/checkpoints/step_N`."""
+    if path.parent.name == "checkpoints" and (path / "meta.json").is_file():
+        return path.parent.parent, path
+    return path, None
+
+
+def _verifies(ckpt: Path) -> bool:
+    try:
+        ckpt_io.verify_checkpoint(ckpt)
+    except UserError:
+        return False
+    return True
+
+
+def _pick_checkpoint(run_dir: Path, named: Path | None, log) -> Path:
+    """The checkpoint to resume from. Named: it must verify, and newer checkpoints are set
+    aside (the run continues from the named one). Else the newest that verifies; each newer
+    one that does not is set aside, with a line saying so."""
     ckpts = ckpt_io.list_checkpoints(run_dir)
+    if named is not None:
+        ckpt_io.verify_checkpoint(named)
+        for newer in [c for c in ckpts if c.name > named.name]:
+            where = ckpt_io.set_aside(newer, f"set aside: the run was resumed from {named.name}")
+            log(f"set {newer.name} aside ({where}): resuming from {named.name}")
+        return named
     if not ckpts:
         raise UserError(f"{run_dir} has no checkpoint to resume from")
-    return ckpts[-1]
+    for ckpt in reversed(ckpts):
+        try:
+            ckpt_io.verify_checkpoint(ckpt)
+        except UserError as e:
+            where = ckpt_io.set_aside(ckpt, str(e))
+            log(f"{ckpt.name} fails its integrity check ({e}); set aside in {where.parent}")
+            continue
+        return ckpt
+    raise UserError(
+        f"no checkpoint of {run_dir} verifies (all were set aside in checkpoints/set_aside)"
+    )
+
+
+def _saved_threads(ckpt: Path | None) -> int:
+    """The CPU threads a checkpoint's run trained with (0: not recorded)."""
+    if ckpt is None:
+        return 0
+    threads = ckpt_io.read_meta(ckpt).get("cpu_threads")
+    return threads if isinstance(threads, int) and threads > 0 else 0
+
+
+def _all_finite(weights: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point())
 
 
 def _check_resume_compatible(saved: Config, new: Config) -> None:

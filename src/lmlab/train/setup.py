@@ -3,13 +3,15 @@
     build_engine   device settings -> seeded model -> (checkpoint weights) -> parallelize
                    (checkpointing, compile, strategy) -> the strategy's AdamW -> grad scaler
     train_step     one optimizer step: `accum` micro-batches of forward + backward, gradient
-                   clipping, AdamW, zero_grad
+                   clipping, AdamW, zero_grad; a step whose loss or gradient norm is not
+                   finite changes nothing (Engine.skipped says so, on the device)
 
 Both live here so that the benchmark times exactly what the trainer runs.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import nn
 
 from lmlab.config import Config
 from lmlab.model.build import build_model
+from lmlab.runs import cpu as cpu_load
 from lmlab.runs.device import autocast, autocast_dtype
 from lmlab.train.distributed.parallelize import (
     build_strategy_optimizer,
@@ -47,15 +50,39 @@ class Engine:
     env: Dist
     tied: set[str]
     """Names of tied duplicate parameters, saved once in checkpoints."""
+    threads_note: str = ""
+    """On the CPU: the threads used, and why when fewer than the cores (for the start-up line)."""
+    skipped: torch.Tensor | None = None
+    """1.0 when the last step's loss or gradients were not finite and it changed nothing,
+    else 0.0; a float on the device, so that reading it is the caller's choice of sync."""
 
 
-def configure_device(cfg: Config, device: torch.device) -> None:
-    """Process-wide settings: CPU threads, TF32 matmuls on CUDA."""
-    if device.type == "cpu" and cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
+_DEFAULT_THREADS = torch.get_num_threads()  # one per core, or OMP_NUM_THREADS
+
+
+def configure_device(
+    cfg: Config, device: torch.device, env: Dist | None = None, cpu_threads: int = 0
+) -> str:
+    """Process-wide settings: CPU threads, TF32 matmuls on CUDA. Returns the threads note.
+
+    CPU threads: train.cpu_threads, else `cpu_threads` (a resumed run's own count), else
+    the cores other programs leave free (lmlab.runs.cpu), unless OMP_NUM_THREADS is set or
+    several processes share the machine (the launcher shares the cores out)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type != "cpu":
+        return ""
+    threads = cfg.train.cpu_threads or cpu_threads
+    busy = None
+    if not threads:
+        threads = _DEFAULT_THREADS
+        shared = (env is not None and env.enabled) or "OMP_NUM_THREADS" in os.environ
+        if not shared and cpu_load.enabled():
+            busy = cpu_load.busy_cores_once()
+            threads = cpu_load.auto_threads(_DEFAULT_THREADS, busy)
+    torch.set_num_threads(threads)
+    return cpu_load.describe(threads, _DEFAULT_THREADS, busy)
 
 
 def build_engine(
@@ -63,12 +90,13 @@ def build_engine(
     env: Dist,
     device: torch.device,
     make_model: Callable[[], nn.Module] | None = None,
+    cpu_threads: int = 0,
 ) -> Engine:
     """Build the model (`make_model`: initial or checkpoint weights; default a freshly
     initialised `cfg.model`), parallelize it, then the optimizer over the trainable
     parameters the strategy left (the sharded ones under fsdp). The seed is the same on
     every rank, so every replica starts identical."""
-    configure_device(cfg, device)
+    threads_note = configure_device(cfg, device, env, cpu_threads)
     amp_dtype = autocast_dtype(device, cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -77,7 +105,7 @@ def build_engine(
     step_model = parallelize(model, cfg.train, env, device, amp_dtype)
     optimizer = build_strategy_optimizer(model, cfg.train, env, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Engine(model, step_model, optimizer, scaler, device, amp_dtype, env, tied)
+    return Engine(model, step_model, optimizer, scaler, device, amp_dtype, env, tied, threads_note)
 
 
 def train_step(
@@ -105,13 +133,45 @@ def train_step(
                 loss = loss_fn(batch) if loss_fn else e.step_model(*batch)[1]
             e.scaler.scale(loss / accum).backward()
         loss_sum += loss.detach() / accum
-    if grad_clip > 0:
-        e.scaler.unscale_(e.optimizer)
-        torch.nn.utils.clip_grad_norm_(e.model.parameters(), grad_clip, foreach=True)
-    e.scaler.step(e.optimizer)
-    e.scaler.update()
+    bad = ~torch.isfinite(loss_sum)
+    if e.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients itself
+        if grad_clip > 0:
+            e.scaler.unscale_(e.optimizer)
+            torch.nn.utils.clip_grad_norm_(e.model.parameters(), grad_clip, foreach=True)
+        e.scaler.step(e.optimizer)
+        e.scaler.update()
+    else:
+        norm = _grad_norm(e.model, grad_clip)
+        bad = bad | ~torch.isfinite(norm)
+        if e.env.enabled:  # the ranks' losses differ: every rank skips if one must
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        _optimizer_step_unless(e.optimizer, bad)
     e.optimizer.zero_grad(set_to_none=True)
+    e.skipped = bad.float()
     return loss_sum
+
+
+def _grad_norm(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm, clipping to `grad_clip` when it is > 0 (a NaN norm leaves
+    NaN gradients; that step is skipped)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    full_tensor = getattr(norm, "full_tensor", None)  # fsdp: a DTensor, replicated
+    return full_tensor() if full_tensor is not None else norm
+
+
+def _optimizer_step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """Step unless `bad` (a bool on the device). The fused AdamW (on GPUs) takes the flag as
+    `found_inf` and skips on the device, without waiting for it; elsewhere the host reads
+    the flag, which on the CPU costs nothing (CPU work is not queued)."""
+    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

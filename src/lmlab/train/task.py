@@ -17,7 +17,7 @@ from torch import nn
 
 from lmlab.config import Config
 from lmlab.data.loader import TokenLoader
-from lmlab.data.shards import load_manifest, open_split
+from lmlab.data.shards import load_manifest, open_split, verify
 from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.eval.metrics import bytes_per_token, evaluate_loss
@@ -90,8 +90,16 @@ class PretrainTask:
             raise UserError("no training data: pass --data DATA_DIR (made by `lmlab prepare`)")
         self.manifest = load_manifest(cfg.data.path)
         self.tokenizer = load_tokenizer(Path(cfg.data.path) / self.manifest["tokenizer"]["file"])
+        if "train" not in self.manifest["splits"]:
+            raise UserError(f"{cfg.data.path} has no train split (the manifest is damaged)")
         if self.manifest["splits"]["train"]["tokens"] == 0:
             raise UserError(f"{cfg.data.path}: the train split is empty")
+        if cfg.train.verify_data:
+            problems = verify(cfg.data.path)
+            if problems:
+                raise UserError(
+                    f"{cfg.data.path} fails verification ({len(problems)} problem(s)): {problems[0]}"
+                )
         vocab = self.tokenizer.vocab_size
         if cfg.data.vocab_from_data:
             cfg.model.vocab_size = vocab
@@ -119,6 +127,7 @@ class PretrainTask:
             seed=cfg.train.seed,
             rank=env.rank,
             world_size=env.world_size,
+            vocab_size=cfg.model.vocab_size,
         )
 
     def step(

@@ -9,6 +9,7 @@ For several machines, call torchrun yourself (docs/distributed.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -52,26 +53,60 @@ def torchrun_command(nproc: int, lmlab_args: list[str]) -> list[str]:
     ]
 
 
-def launch(command: str, nproc: int, argv: list[str]) -> int:
-    """Run `lmlab COMMAND ARGV` in `nproc` processes under torchrun; its exit status."""
+def available_workers(device: str = "auto") -> tuple[int, str]:
+    """How many processes this machine runs side by side on `device`, and of what: one per
+    GPU when the job trains on CUDA, else one per CPU core this process may use."""
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.device_count(), "GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1, "CPU core(s) and no GPU in use"
+
+
+def check_nproc(nproc: int, device: str = "auto", force: bool = False) -> None:
+    """Refuse K < 1, and (unless `force`) more processes than GPUs, or than CPU cores."""
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    present, what = available_workers(device)
+    if nproc > present and not force:
+        raise UserError(
+            f"--nproc {nproc} is more processes than this machine has: {present} {what}; "
+            f"use --nproc {max(present, 1)} or less, or add --force-nproc"
+        )
+
+
+def launch(
+    command: str, nproc: int, argv: list[str], device: str = "auto", force: bool = False
+) -> int:
+    """Run `lmlab COMMAND ARGV` in `nproc` processes under torchrun; its exit status.
+
+    torchrun runs in its own session, so a terminal's Ctrl-C reaches this launcher alone.
+    The launcher passes a Ctrl-C or SIGTERM on to the workers as one SIGINT each: they stop
+    at the same step, rank 0 saves and says how to continue, and every worker exits 0 (so
+    torchrun ends quietly); the launcher then exits 130, as one process would. A second
+    Ctrl-C stops everything at once. On Linux, torchrun is also stopped if the launcher
+    itself is killed. `device` and `force` as `check_nproc` takes them."""
+    check_nproc(nproc, device, force)
     if under_torchrun():
         raise UserError("--nproc starts torchrun itself: drop it when running under torchrun")
     with tempfile.TemporaryDirectory(prefix="lmlab-launch-") as tmp:
         run_dir_file = Path(tmp) / "run_dir"
-        env = {**os.environ, "LMLAB_RUN_DIR_FILE": str(run_dir_file)}
+        env = {**os.environ, "LMLAB_RUN_DIR_FILE": str(run_dir_file), LAUNCHED: "1"}
         # Share the cores out (torchrun's own default is one thread per worker).
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         cmd = torchrun_command(nproc, [command, *strip_nproc(argv)])
-        # Ctrl-C reaches every process of the terminal; torchrun stops the workers and
-        # this launcher stays to report.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        job = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        signals = _Forwarder(job)
         try:
-            rc = subprocess.call(cmd, env=env)
+            rc = job.wait()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signals.restore()
         run_dir = run_dir_file.read_text(encoding="utf-8") if run_dir_file.exists() else None
+    if signals.count:
+        if signals.count > 1 or rc != 0:
+            print(f"lmlab {command}: stopped", file=sys.stderr, flush=True)
+        return 130
     if rc != 0:
         if run_dir and any(Path(run_dir).glob("checkpoints/step_*/meta.json")):
             where = (
@@ -91,3 +126,62 @@ def launch(command: str, nproc: int, argv: list[str]) -> int:
             flush=True,
         )
     return rc
+
+
+LAUNCHED = "LMLAB_LAUNCHED"
+"""Set in the workers `launch` starts: a worker stopped by a signal exits 0 there."""
+
+
+def launched() -> bool:
+    """True in a worker that `lmlab ... --nproc K` started."""
+    return os.environ.get(LAUNCHED) == "1"
+
+
+class _Forwarder:
+    """SIGINT / SIGTERM handlers for the launcher: the first is passed on to the workers,
+    a second stops the whole job at once."""
+
+    def __init__(self, job: subprocess.Popen):
+        self.job, self.count = job, 0
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        workers = _children(self.job.pid) if self.count == 1 else []
+        if workers:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGINT)
+        else:  # still starting, or asked twice: nothing to save, stop it all now
+            for pid in [*_children(self.job.pid), self.job.pid]:  # each leads its own group
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the launcher dies (torchrun
+    then stops its workers, which save as they would on SIGTERM)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
