@@ -18,6 +18,7 @@ SRC = Path(lmlab.__file__).parent
 ORDER = [
     "errors",
     "fileio",
+    "processes",
     "typed_dict",
     "lmlab",  # the package's own __init__ (__version__)
     "model",

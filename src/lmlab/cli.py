@@ -55,15 +55,24 @@ def _usage() -> str:
 
 # errno values of a path the user may not read or write (permissions, a read-only disk)
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# errno values of a full disk (or quota): what was being written is left out, the last
+# complete file or checkpoint stays (every write is atomic)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _denied_message(e: OSError) -> str:
-    reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
-    path = str(e.filename or "a file")
+    path = str(e.filename or "")
     name = path.rsplit("/", 1)[-1]
     if name.startswith(".") and name.endswith(".tmp"):  # an atomic write's temporary: its folder
         path = path.rsplit("/", 1)[0]
-    return f"no access to {path} ({reason}): choose a folder you may write to, or change its permissions"
+    if e.errno in _FULL:
+        where = f" writing {path}" if path else ""
+        return (
+            f"no space left on the device{where}: nothing was half-written (the last complete "
+            "files and checkpoints are intact); free some space and run the command again"
+        )
+    reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+    return f"no access to {path or 'a file'} ({reason}): choose a folder you may write to, or change its permissions"
 
 
 def command_module(name: str) -> str:
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmlab {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # a folder the user cannot write to is their setup, not a bug
-        if e.errno not in _DENIED:
+        if e.errno not in _DENIED + _FULL:
             raise
         print(f"lmlab {name}: error: {_denied_message(e)}", file=sys.stderr)
         sys.exit(2)
@@ -100,5 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmlab {name}: interrupted", file=sys.stderr)
         # A worker of `--nproc K` leaves the exit status to its launcher (torchrun would
         # otherwise report a failed worker).
-        sys.exit(0 if os.environ.get("LMLAB_LAUNCHED") == "1" else 130)
+        code = 0 if os.environ.get("LMLAB_LAUNCHED") == "1" else 130
+        # A Ctrl-C that interrupted an import inside C code (torch's) makes CPython end the
+        # process by SIGINT at exit, whatever sys.exit said: leave with the status now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code or 0)

@@ -52,6 +52,8 @@ OnOverflow = Literal["truncate", "error"]
 ON_OVERFLOW: tuple[str, ...] = get_args(OnOverflow)
 OnNonfinite = Literal["skip", "rollback", "stop"]
 ON_NONFINITE: tuple[str, ...] = get_args(OnNonfinite)
+Packing = Literal["concat", "best_fit"]
+PACKINGS: tuple[str, ...] = get_args(Packing)
 
 
 @dataclass
@@ -60,6 +62,14 @@ class DataConfig:
     """Prepared data directory, written by `lmlab prepare`."""
     vocab_from_data: bool = True
     """Set model.vocab_size to the data's tokenizer vocabulary (else they must be compatible)."""
+    packing: Packing = "concat"
+    """How training rows are cut from the token stream. concat: windows of seq_len + 1 tokens
+    (documents start mid-row); best_fit: whole documents placed into rows by best-fit
+    decreasing (long ones split), the rest padding whose targets are ignored. Evaluation
+    always reads concat windows."""
+    doc_mask: bool = False
+    """Tokens attend only to their own document within a row, and positions restart at 0 at
+    each document (a block-diagonal causal mask)."""
 
 
 @dataclass

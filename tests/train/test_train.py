@@ -50,8 +50,11 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
 
 
-def test_exact_resume_is_bit_identical(flowroll_data: Path, tmp_path: Path):
-    cfg = tiny_config(flowroll_data, tmp_path / "runs")
+@pytest.mark.parametrize(
+    "packing", [[], ["data.packing=best_fit", "data.doc_mask=true"]], ids=["concat", "best_fit"]
+)
+def test_exact_resume_is_bit_identical(flowroll_data: Path, tmp_path: Path, packing: list[str]):
+    cfg = tiny_config(flowroll_data, tmp_path / "runs", *packing)
     straight = train(cfg, log=lambda *a, **k: None)
     first = train(cfg, stop_at_step=6, log=lambda *a, **k: None)
     assert first.interrupted and first.state.step == 6

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmlab.data.frames import COMPRESSIONS
 from lmlab.data.prepare import DEFAULT_SHARD_TOKENS, prepare, summary_lines
 from lmlab.errors import UserError
 
@@ -23,9 +24,15 @@ def main(argv: list[str]) -> int:
   lmlab prepare --input train.txt --val-input val.txt --tokenizer char --out data/split
   lmlab prepare --input corpus/ --tokenizer bpe:50257 bpe:32000 --out data/gpt2tok data/llamatok
   lmlab prepare --input shakespeare.txt --tokenizer char --doc-unit file --val-split tail --out data/nanogpt
+  lmlab prepare --input hf:HuggingFaceFW/fineweb-edu --tokenizer gpt2 --max-tokens 100M --out data/edu
+  lmlab prepare --input web.jsonl@0.7 books/@0.3 --max-tokens 50M --tokenizer bpe:8192 --out data/mix
+  lmlab prepare --input corpus/ --tokenizer bpe:8192 --out data/notes --resume   # after a Ctrl-C
+  lmlab prepare --input new-notes/ --out data/notes --append      # new shards, same tokenizer
 
 inputs: files (.txt .md .jsonl), folders (recursive), globs, dsl:flowroll, dsl:dimmatch
-(dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed).
+(dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed);
+INPUT@WEIGHT on every input mixes them in those token shares (with --max-tokens: of that
+total; without: until the first input runs out).
 tokenizer: bpe:N or char[:N] trains one on the training documents; a tokenizer.json, a folder
 holding one, or a Hub name loads one.""",
     )
@@ -109,6 +116,38 @@ holding one, or a Hub name loads one.""",
         help="tokens per shard file (default 100M)",
     )
     parser.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default=None,
+        help="write shards as lz4 or zstd frames with an index (default: raw, memory-mapped); "
+        "needs pip install 'lmlab[compress]'",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="stop at N tokens in all, end-of-document tokens included (1e6, 50M, 2B)",
+    )
+    parser.add_argument(
+        "--max-input-tokens",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="take at most N tokens from each input",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs' documents to the existing DATA_DIR as new shards (with its "
+        "tokenizer); documents it already holds are skipped",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a prepare that was stopped (Ctrl-C, a kill): the same command, plus --resume",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace DATA_DIR if it exists (only once the new one is complete)",
@@ -120,7 +159,7 @@ holding one, or a Hub name loads one.""",
             "per tokenizer, in the same order"
         )
     for out in args.out:  # every output checked before any work
-        if Path(out).exists() and not args.overwrite:
+        if Path(out).exists() and not args.overwrite and not args.append:
             raise UserError(f"{out} already exists: choose another --out or pass --overwrite")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     manifests = []
@@ -139,14 +178,21 @@ holding one, or a Hub name loads one.""",
             hf_val_split=args.hf_val_split,
             val_split=args.val_split,
             shard_tokens=args.shard_tokens,
+            compress=args.compress,
             overwrite=args.overwrite,
             eot_token=args.eot_token,
+            max_tokens=args.max_tokens,
+            max_input_tokens=args.max_input_tokens,
+            resume=args.resume,
+            append=args.append,
             progress=sys.stderr.isatty(),
             log=log,
         )
         manifests.append(manifest)
         for line in summary_lines(manifest):
             print(line)
+        if args.append:
+            continue  # the append said what it added; the summary above is the whole directory
         t = manifest["timing_s"]
         mb = sum(s["text_bytes"] for s in manifest["splits"].values()) / 1e6
         print(
@@ -160,3 +206,12 @@ holding one, or a Hub name loads one.""",
             text_tokens = max(1, train["tokens"] - train["documents"])  # without end-of-doc
             print(f"  {tokenizer:<24} {train['text_bytes'] / text_tokens:.3f}  ({out})")
     return 0
+
+
+def _count(text: str) -> int:
+    from lmlab.data.mixture import parse_count
+
+    try:
+        return parse_count(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

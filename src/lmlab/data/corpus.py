@@ -61,6 +61,7 @@ class Document:
 
     text: str
     split: str | None = None  # "train" | "val" | "test" | None (decided by the caller)
+    source: int = 0  # which input it came from, in a mixture
 
 
 @dataclass

@@ -18,6 +18,7 @@ touches only the pages it reads.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,12 @@ def read_header(path: str | Path) -> ShardHeader:
 
 
 def open_shard(path: str | Path) -> np.memmap:
-    """Memory-map a shard's tokens (read-only) after checking its header and size."""
+    """Memory-map a shard's tokens (read-only) after checking its header and size; a
+    compressed shard (lmlab.data.frames) opens as a CompressedShard, read like an array."""
+    from lmlab.data import frames  # imported here: frames is the optional format
+
+    if frames.is_compressed(path):
+        return frames.CompressedShard(path)
     header = read_header(path)
     expected = HEADER_BYTES + header.num_tokens * header.dtype.itemsize
     actual = Path(path).stat().st_size
@@ -99,15 +105,23 @@ class ShardWriter:
     short by a crash never claims tokens it does not have.
     """
 
-    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
-        self.directory, self.prefix = Path(directory), prefix
+    def __init__(
+        self,
+        directory: Path,
+        prefix: str,
+        dtype: np.dtype,
+        shard_tokens: int,
+        first_index: int = 0,
+    ):
+        """`first_index` numbers the first shard (an append continues the numbering)."""
+        self.directory, self.prefix, self.first_index = Path(directory), prefix, first_index
         self.dtype, self.shard_tokens = np.dtype(dtype), shard_tokens
         self.shards: list[dict[str, Any]] = []
         self._file = None
         self._count = 0
 
     def _open_next(self) -> None:
-        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        name = f"{self.prefix}_{self.first_index + len(self.shards):06d}.bin"
         self._path = self.directory / name
         self._file = open(self._path, "wb")  # noqa: SIM115 - closed in _close_current
         self._file.write(pack_header(self.dtype, 0))
@@ -140,6 +154,29 @@ class ShardWriter:
             self._count += head.size
             if self._count >= self.shard_tokens:
                 self._close_current()
+
+    def state(self) -> dict[str, Any]:
+        """Where the writer is, made durable: the finished shards' entries and the tokens of
+        the open one, flushed and synced to disk (`restore` continues from here)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {"shards": list(self.shards), "open": self._file is not None, "count": self._count}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue a writer from `state` after a crash: the open shard is cut back to the
+        tokens `state` recorded (what was written after it is dropped)."""
+        self.shards = list(state["shards"])
+        if not state["open"]:
+            return
+        self._path = self.directory / f"{self.prefix}_{self.first_index + len(self.shards):06d}.bin"
+        size = HEADER_BYTES + state["count"] * self.dtype.itemsize
+        if not self._path.is_file() or self._path.stat().st_size < size:
+            raise UserError(f"{self._path} is shorter than the progress record says: cannot resume")
+        self._file = open(self._path, "r+b")  # noqa: SIM115 - closed in _close_current
+        self._file.truncate(size)
+        self._file.seek(size)
+        self._count = state["count"]
 
     def close(self) -> list[dict[str, Any]]:
         """Finish the last shard and return the manifest entries of all shards."""
@@ -247,6 +284,8 @@ def verify(data_dir: str | Path) -> list[str]:
                 problems.append(
                     f"{split}: {entry['file']} checksum mismatch (file changed or corrupt)"
                 )
+            if hasattr(tokens, "verify_frames"):  # compressed: decode and check every frame
+                problems += [f"{split}: {problem}" for problem in tokens.verify_frames()]
     tok_file = data_dir / manifest["tokenizer"]["file"]
     if not tok_file.is_file():
         problems.append(f"tokenizer file {tok_file.name} is missing")

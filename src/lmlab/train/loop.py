@@ -313,6 +313,8 @@ class Trainer:
         weights were loaded before parallelizing, in `build_engine`)."""
         e = self.engine
         saved = ckpt_io.load_state(ckpt, map_location="cpu")
+        check_data = getattr(self.task, "check_data", None)
+        grew = check_data(saved.get("data")) if check_data else None
         load_optimizer_state(e.model, e.optimizer, saved["optimizer"])
         e.scaler.load_state_dict(saved["scaler"])
         self.loader.load_state_dict(saved["loader"])
@@ -321,6 +323,8 @@ class Trainer:
         if quiet:
             return
         self.log(f"resuming {self.run_dir} from {ckpt.name} (step {self.state.step})")
+        if grew:
+            self.log(grew)
         before = saved.get("layout")
         if before and before["tokens_per_step"] != self.tokens_per_step:
             self.log(
@@ -504,10 +508,13 @@ class Trainer:
         layout = f"{t.strategy}, " if self.env.enabled else ""
         if t.activation_checkpointing != "none":
             layout += f"{t.activation_checkpointing} activation checkpointing, "
+        describe_data = getattr(self.loader, "describe", None)  # packing, utilisation
+        data = describe_data() if describe_data else ""
         return (
             f"model {cfg.model.family} {self.num_params / 1e6:.2f}M params | "
             f"{micro} seq x {self.accum} accum x {world} proc = {micro * self.accum * world} seq "
-            f"x {cfg.seq_len} tokens = {self.tokens_per_step:,} tokens/step | {layout}"
+            f"x {cfg.seq_len} tokens = {self.tokens_per_step:,} tokens/step | "
+            f"{data + ' | ' if data else ''}{layout}"
             f"{self.device.type} {precision_name(e.amp_dtype)}"
             f"{', ' + e.threads_note if e.threads_note else ''} | {t.max_steps} steps"
             f"{self._data_budget()} | run {self.run_dir}"
@@ -643,6 +650,9 @@ class Trainer:
                     "tokens_per_step": self.tokens_per_step,
                 },
             }
+            data_state = getattr(self.task, "data_state", None)
+            if data_state is not None:  # the manifest revision and shards it has seen
+                state["data"] = data_state()
             meta = {
                 "step": self.state.step,
                 "tokens_seen": self.state.tokens_seen,

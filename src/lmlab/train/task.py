@@ -17,10 +17,12 @@ from torch import nn
 
 from lmlab.config import Config
 from lmlab.data.loader import TokenLoader
+from lmlab.data.packing import PackedLoader
 from lmlab.data.shards import load_manifest, open_split, verify
 from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.eval.metrics import bytes_per_token, evaluate_loss
+from lmlab.model.attention import document_attention
 from lmlab.model.build import build_model
 from lmlab.runs.checkpoint import WEIGHTS_FILE, load_weights
 from lmlab.runs.device import autocast
@@ -111,6 +113,7 @@ class PretrainTask:
         self.val_split = open_split(cfg.data.path, "val")
         self.train_tokens: int = self.manifest["splits"]["train"]["tokens"]
         """Tokens in one pass over the train split (train.epochs counts these)."""
+        self.doc_mask = cfg.data.doc_mask
 
     def build_model(self, cfg: Config, checkpoint: Path | None) -> nn.Module:
         model = build_model(cfg.model)
@@ -118,22 +121,38 @@ class PretrainTask:
             load_weights(model, checkpoint)
         return model
 
-    def train_loader(self, cfg: Config, env: Dist) -> TokenLoader:
-        # Each micro-step deals `micro * world` windows out: rank r reads its own slice.
+    def train_loader(self, cfg: Config, env: Dist) -> TokenLoader | PackedLoader:
+        # Each micro-step deals `micro * world` rows out: rank r reads its own slice.
+        split = open_split(cfg.data.path, "train")
+        eot_id = self.manifest["tokenizer"].get("eot_id", self.tokenizer.eot_id)
+        common = {
+            "seed": cfg.train.seed,
+            "rank": env.rank,
+            "world_size": env.world_size,
+            "vocab_size": cfg.model.vocab_size,
+        }
+        micro = cfg.train.micro_batch_size
+        if cfg.data.packing == "best_fit":
+            return PackedLoader(
+                split, micro, cfg.seq_len, eot_id, doc_ids=cfg.data.doc_mask, **common
+            )
         return TokenLoader(
-            open_split(cfg.data.path, "train"),
-            cfg.train.micro_batch_size,
-            cfg.seq_len,
-            seed=cfg.train.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            vocab_size=cfg.model.vocab_size,
+            split, micro, cfg.seq_len, eot_id=eot_id if cfg.data.doc_mask else None, **common
         )
 
     def step(
         self, engine: Engine, loader: Loader, accum: int, lr: float, grad_clip: float
     ) -> torch.Tensor:
-        return train_step(engine, loader.next_batch, accum, lr, grad_clip)
+        if not self.doc_mask:
+            return train_step(engine, loader.next_batch, accum, lr, grad_clip)
+
+        def masked_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            # (x, y, document ids): the mask and positions are built on the device.
+            x, y, doc_ids = batch
+            positions, attn_mask = document_attention(doc_ids)
+            return engine.step_model(x, y, positions=positions, attn_mask=attn_mask)[1]
+
+        return train_step(engine, loader.next_batch, accum, lr, grad_clip, masked_loss)
 
     def evaluate(self, engine: Engine, cfg: Config) -> dict[str, float] | None:
         """Validation loss on the first eval.batches batches. Every rank evaluates the same
@@ -160,3 +179,35 @@ class PretrainTask:
 
     def checkpoint_weights(self, engine: Engine) -> dict[str, torch.Tensor]:
         return full_weights(engine.model, engine.tied)
+
+    def data_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it trained on: the manifest revision and
+        the train shards (name, tokens, SHA-256)."""
+        shards = self.manifest["splits"]["train"]["shards"]
+        return {
+            "revision": self.manifest.get("revision", 1),
+            "train_shards": [[e["file"], e["tokens"], e.get("sha256")] for e in shards],
+        }
+
+    def check_data(self, saved: dict[str, Any] | None) -> str | None:
+        """Refuse (UserError) data that changed other than by appended shards; a line to
+        log when it grew, else None."""
+        if not saved:
+            return None  # a checkpoint from before lmlab recorded its data
+        now = self.data_state()
+        before, current = saved["train_shards"], now["train_shards"]
+        for i, entry in enumerate(before):
+            if i >= len(current) or list(current[i]) != list(entry):
+                what = "is gone" if i >= len(current) else "was rewritten"
+                raise UserError(
+                    f"cannot resume: train shard {entry[0]} {what} since the run started; "
+                    "only shards appended (lmlab prepare --append) can join a run"
+                )
+        if len(current) == len(before):
+            return None
+        added = sum(e[1] for e in current[len(before) :])
+        return (
+            f"the train split grew by {len(current) - len(before)} shard(s), {added:,} tokens "
+            f"(manifest revision {saved['revision']} -> {now['revision']}): they join the "
+            "data order at the next epoch"
+        )

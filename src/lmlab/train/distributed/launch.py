@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lmlab.errors import UserError
+from lmlab.processes import die_with_parent
 from lmlab.train.distributed.runtime import under_torchrun
 
 
@@ -177,11 +178,6 @@ def _children(pid: int) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM when the launcher dies (torchrun
-    then stops its workers, which save as they would on SIGTERM)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """In torchrun, before exec: on Linux, SIGTERM when the launcher dies (torchrun then
+    stops its workers, which save as they would on SIGTERM)."""
+    die_with_parent(signal.SIGTERM)
