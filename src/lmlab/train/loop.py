@@ -344,12 +344,12 @@ class Trainer:
             )
             return self.result
         self.log(self.describe())
-        if state.step == 0 and self.cfg.eval.interval:
-            self.evaluate()
-        self.engine.model.train()
-        meter = _Meter(self.device)
         check_every_step = self.device.type == "cpu"  # reading a flag back costs nothing there
         with _StopFlag(repeat_stops_at_once=not self.env.enabled) as stop:
+            if state.step == 0 and self.cfg.eval.interval:  # a Ctrl-C here stops after step 1
+                self.evaluate()
+            self.engine.model.train()
+            meter = _Meter(self.device)
             while state.step < t.max_steps:
                 lr = lr_at(state.step, t) * state.lr_scale
                 loss = self.task.step(self.engine, self.loader, self.accum, lr, t.grad_clip)
