@@ -104,8 +104,6 @@ def test_resume_refuses_other_settings_and_missing_work(text: Path, tmp_path: Pa
         prepare([str(text)], out, "char", resume=True, log=lambda *a: None)
     with pytest.raises(UserError, match="holds a prepare that was stopped"):
         prepare([str(text)], out, "char", log=lambda *a: None)
-    with pytest.raises(UserError, match="--resume continues prepares without --max-tokens"):
-        prepare([str(text)], out, "char", resume=True, max_tokens=1000, log=lambda *a: None)
 
 
 def test_a_failed_prepare_leaves_nothing(tmp_path: Path):
@@ -174,3 +172,60 @@ def test_a_streamed_parquet_dataset_resumes_to_the_same_tokens(tmp_path: Path, m
 
     hashes = [np.load(tmp_path / d / "doc_hashes.r1.npy") for d in ("out", "straight")]
     assert np.array_equal(*hashes) and len(hashes[0]) > 2000  # every document's, once
+
+
+def _interrupted_then_resumed(monkeypatch, args: list[str], out: Path, **kwargs) -> dict:
+    """prepare(args) stopped by a KeyboardInterrupt after its 5th written batch, then resumed."""
+    from lmlab.data import prepare as prepare_module
+
+    original_add, calls = prepare_module._Done.add, {"n": 0}
+
+    def stop_after_some(self, *a, **k):
+        original_add(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module._Done, "add", stop_after_some)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(args, out, "char", **kwargs)
+    assert (out.parent / f"{out.name}.partial" / "progress.json").is_file()
+    return prepare(args, out, "char", resume=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [{"max_tokens": 150_000}, {"max_input_tokens": 60_000}, {}],
+    ids=["weighted-capped", "per-input-cap", "weighted-uncapped"],
+)
+def test_a_capped_or_mixed_prepare_resumes_to_identical_shards(tmp_path: Path, monkeypatch, caps):
+    from lmlab.data import prepare as prepare_module
+
+    rng = random.Random(5)
+    for name, words in (("a", ["ox", "a", "is"]), ("b", ["elephant", "rhinoceros"])):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for _ in range(1500):
+                f.write(
+                    json.dumps(
+                        {"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 90)))}
+                    )
+                    + "\n"
+                )
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 20_000)
+    monkeypatch.setattr(prepare_module, "PROGRESS_EVERY_S", 0.0)
+    weighted = "max_input_tokens" not in caps
+    args = [str(tmp_path / f"{n}.jsonl") + ("@0.5" if weighted else "") for n in ("a", "b")]
+    quiet = {"log": lambda *a: None, **caps}
+    straight = prepare(args, tmp_path / "straight", "char", **quiet)
+    # The output does not depend on how many workers return results, or when.
+    monkeypatch.setattr(prepare_module.os, "cpu_count", lambda: 1)
+    one_worker = prepare(args, tmp_path / "one", "char", **quiet)
+    resumed = _interrupted_then_resumed(monkeypatch, args, tmp_path / "out", **quiet)
+    for other in ("one", "out"):
+        assert shard_bytes(tmp_path / other) == shard_bytes(tmp_path / "straight"), other
+    assert (
+        resumed["source"]["mixture"]
+        == straight["source"]["mixture"]
+        == one_worker["source"]["mixture"]
+    )

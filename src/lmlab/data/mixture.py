@@ -9,19 +9,26 @@ Tokens are counted per input over both splits, end-of-document tokens included. 
 parts make a mixture exact without knowing token counts in advance:
 
 - reading (`MixedDocuments`) interleaves the inputs, always taking the next document from
-  the input furthest behind its share, in *estimated* tokens (its characters over the
-  characters per token measured so far on that input);
+  the input furthest behind its share, in estimated tokens (its characters over the
+  characters per token of a sample of its first documents, encoded up front);
 - writing (`TokenBudget`) sees each document's real token count, in input order, and writes
   a document only if that leaves its input nearer its target than stopping before it
   would; the first document that does not fit closes the input. Every input ends within
   half a document of its target.
 
 Without --max-tokens a weighted mixture runs until its first input is exhausted; the other
-inputs' targets are then set from that input's total, so the shares still hold.
+inputs' targets are then set from that input's exact total, so the shares hold to the
+accuracy of the reading estimate (a few percent); with --max-tokens they are exact.
+
+What is written depends only on the data and the arguments, never on how fast workers
+return results: reading consults the budget only to skip inputs that are closed (their
+documents would not be written anyway), and an input's end reaches the writer as a marker
+in the document stream. That is what lets `prepare --resume` continue a capped prepare.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterator
@@ -32,7 +39,6 @@ from lmlab.data.corpus import Corpus, Document
 from lmlab.errors import UserError
 
 _WEIGHT = re.compile(r"^(?P<spec>.+)@(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
-DEFAULT_CHARS_PER_TOKEN = 4.0
 
 
 def parse_inputs(inputs: list[str]) -> tuple[list[str], list[float] | None]:
@@ -80,7 +86,7 @@ class TokenBudget:
     chars: list[int] = field(init=False)
     targets: list[float] = field(init=False)
     exhausted: int | None = None
-    """The input whose end fixed an uncapped mixture's size."""
+    """The input whose end fixed a mixture's size (it ran out short of its share)."""
     closed: list[bool] = field(init=False)
     """Inputs that take no more documents."""
 
@@ -145,27 +151,41 @@ class TokenBudget:
         self.chars[source] += n_chars
         return True
 
-    def chars_per_token(self, source: int) -> float:
-        if self.tokens[source] < 1000:
-            return DEFAULT_CHARS_PER_TOKEN
-        return self.chars[source] / self.tokens[source]
-
-    def input_ran_out(self, source: int, read_chars: int) -> None:
-        """An uncapped mixture ends with its first exhausted input: the others' targets
-        follow from that input's estimated total."""
+    def input_ended(self, source: int) -> None:
+        """Every document of input `source` has been seen by the writer. In a mixture, an
+        input that ends short of its share fixes the others' targets from its exact total
+        (an uncapped mixture ends so, with its first exhausted input)."""
+        if self.closed[source]:
+            return
+        self.closed[source] = True
         if self.weights is None or self.exhausted is not None:
             return
-        if (
-            self.max_tokens is not None
-            and read_chars / self.chars_per_token(source) >= (self.targets[source])
-        ):
+        if self.tokens[source] + 0.5 >= self.targets[source]:
             return  # it had enough for its share
         self.exhausted = source
-        final = read_chars / self.chars_per_token(source)
+        final = self.tokens[source]
         self.targets = [
             min(t, final * w / self.weights[source])
             for t, w in zip(self.targets, self.weights, strict=True)
         ]
+        for i, (tokens, target) in enumerate(zip(self.tokens, self.targets, strict=True)):
+            if tokens >= target:
+                self.closed[i] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "chars": self.chars,
+            "closed": self.closed,
+            "targets": [t if math.isfinite(t) else None for t in self.targets],
+            "exhausted": self.exhausted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens, self.chars = list(state["tokens"]), list(state["chars"])
+        self.closed = list(state["closed"])
+        self.targets = [math.inf if t is None else t for t in state["targets"]]
+        self.exhausted = state["exhausted"]
 
     def report(self) -> list[dict[str, Any]]:
         total = max(1, self.total())
@@ -181,43 +201,76 @@ class TokenBudget:
         return rows
 
 
+END = "end"
+"""The split of the marker document that tells the writer an input has no more."""
+SAMPLE_CHARS = 200_000
+"""Characters of each input encoded up front to estimate its characters per token."""
+
+
 class MixedDocuments:
-    """The documents of several corpora, interleaved by their weights (see the module).
+    """The documents of several corpora, interleaved by their weights (see the module),
+    each input's end marked by a Document(split=END). `position()` after a document says
+    where reading stands; `start` (such a position) continues from there."""
 
-    It stops reading an input once the documents written from it reach its target (the
-    count lags reading by the documents in flight, which are then dropped unwritten), and
-    ends when the budget is full."""
-
-    def __init__(self, corpora: list[Corpus], budget: TokenBudget):
+    def __init__(
+        self,
+        corpora: list[Corpus],
+        budget: TokenBudget,
+        tokenizer=None,
+        start: dict[str, Any] | None = None,
+    ):
         self.corpora, self.budget = corpora, budget
-        self.read_chars = [0] * len(corpora)
+        n = len(corpora)
+        self.read_chars = list(start["read_chars"]) if start else [0] * n
+        self.read_docs = list(start["read_docs"]) if start else [0] * n
+        self.ended = list(start["ended"]) if start else [False] * n
+        self.chars_per_token = [
+            _sample_chars_per_token(c, tokenizer) if tokenizer is not None else 1.0 for c in corpora
+        ]
+
+    def position(self) -> dict[str, Any]:
+        return {
+            "read_chars": list(self.read_chars),
+            "read_docs": list(self.read_docs),
+            "ended": list(self.ended),
+        }
 
     def _behind(self, i: int) -> float:
         """Estimated tokens read from input i over its weight."""
         weights = self.budget.weights
         assert weights is not None
-        return self.read_chars[i] / self.budget.chars_per_token(i) / weights[i]
+        return self.read_chars[i] / self.chars_per_token[i] / weights[i]
 
     def __iter__(self) -> Iterator[Document]:
         budget = self.budget
-        streams = [iter(c.documents()) for c in self.corpora]
-        active = list(range(len(streams)))
+        streams = [
+            itertools.islice(c.documents(), skip, None)
+            for c, skip in zip(self.corpora, self.read_docs, strict=True)
+        ]
+        active = [i for i in range(len(streams)) if not self.ended[i]]
         while active and not budget.full():
-            active = [j for j in active if not budget.closed[j]]
+            active = [j for j in active if not budget.closed[j]]  # what no one will write
             if not active:
                 return
-            if budget.weights is None:  # the inputs in order
-                i = active[0]
-            else:
-                i = min(active, key=self._behind)
+            i = active[0] if budget.weights is None else min(active, key=self._behind)
             doc = next(streams[i], None)
             if doc is None:
-                budget.input_ran_out(i, self.read_chars[i])
-                if budget.exhausted is not None:
-                    return  # the shares cannot hold past here
+                self.ended[i] = True
                 active.remove(i)
+                yield Document("", END, source=i)
                 continue
             self.read_chars[i] += len(doc.text)
+            self.read_docs[i] += 1
             yield Document(doc.text, doc.split, source=i)
-            if budget.closed[i]:
-                active.remove(i)
+
+
+def _sample_chars_per_token(corpus: Corpus, tokenizer) -> float:
+    """Characters per token of the first SAMPLE_CHARS characters of an input."""
+    texts, chars = [], 0
+    for doc in corpus.documents():
+        texts.append(doc.text)
+        chars += len(doc.text)
+        if chars >= SAMPLE_CHARS:
+            break
+    tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts)) if texts else 0
+    return chars / tokens if tokens else 1.0

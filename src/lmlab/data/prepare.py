@@ -43,7 +43,7 @@ import numpy as np
 from lmlab import __version__
 from lmlab.data.corpus import Corpus, Document
 from lmlab.data.frames import FRAME_TOKENS, CompressedShardWriter, load_codec
-from lmlab.data.mixture import MixedDocuments, TokenBudget, parse_inputs
+from lmlab.data.mixture import END, MixedDocuments, TokenBudget, parse_inputs
 from lmlab.data.shards import (
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -58,6 +58,7 @@ from lmlab.fileio import atomic_write_json, hide_directory
 from lmlab.processes import die_with_parent
 
 PROGRESS_NAME = "progress.json"
+HASHES_PART = "doc_hashes.part"
 PROGRESS_EVERY_S = 1.0
 BATCH_CHARS = 1 << 20
 # Very long documents are encoded in pieces so the parallel encoder has work for every core.
@@ -167,6 +168,9 @@ def _encode_batch(
     text_bytes = {"train": 0, "val": 0}
     order: list[tuple[str, int, int, int, int]] = []  # (split, input, chars, bytes, hash)
     for text, given, source in zip(batch.texts, batch.splits, batch.sources, strict=True):
+        if given == END:  # an input's end, passed on to the writer in its place
+            order.append((END, source, 0, 0, 0))
+            continue
         data = text.encode("utf-8")
         split = given or split_of(data, seed, val_fraction)
         if split not in pieces:
@@ -195,9 +199,11 @@ def _encode_batch(
                     n = 0
             doc_tokens[split] = iter(counts)
     report = (
-        [(split, next(doc_tokens[split]), *rest) for split, *rest in order] if per_doc else None
+        [(split, 0 if split == END else next(doc_tokens[split]), *rest) for split, *rest in order]
+        if per_doc
+        else None
     )
-    return _Encoded(tokens, documents, text_bytes, report, [o[-1] for o in order])
+    return _Encoded(tokens, documents, text_bytes, report, [o[-1] for o in order if o[0] != END])
 
 
 def _progress(enabled: bool):
@@ -308,11 +314,6 @@ def prepare(
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
-    if budget.active and resume:
-        raise UserError(
-            "--resume continues prepares without --max-tokens, --max-input-tokens or weights "
-            "(their mix depends on the order results came back); run it again without --resume"
-        )
     saved = _resumable(work, settings) if resume else None
     if work.exists() and not resume and not append:
         raise UserError(
@@ -346,7 +347,7 @@ def prepare(
             )
             for spec in inputs
         ]
-        documents = lambda: _budgeted_documents(per_input, budget, corpus)  # noqa: E731
+        documents = None  # a _BudgetedStream, made once the tokenizer is known
     started = time.perf_counter()
 
     tokenizer_spec = tokenizer if isinstance(tokenizer, str) else "given"
@@ -367,9 +368,7 @@ def prepare(
                 f"training a {kind} tokenizer on the {'training ' if kind == 'bpe' else ''}documents"
             )
             tokenizer_docs = (
-                _limited(
-                    _budgeted_documents(per_input, budget.copy(), corpus), budget.chars_to_read()
-                )
+                _limited(_BudgetedStream(per_input, budget.copy(), corpus), budget.chars_to_read())
                 if budget.active
                 else corpus.documents()
             )
@@ -406,12 +405,21 @@ def prepare(
             for s in ("train", "val")
         }
         done = _Done(tmp, settings, record=not append)
-        hashes = DocHashes(_known_hashes(out, existing), dedup=append)
+        hashes = DocHashes(_known_hashes(out, existing), dedup=append, part=tmp / HASHES_PART)
         if saved is not None:
             for split, writer in writers.items():
                 writer.restore(saved["writers"][split])
             counts, done.documents = saved["counts"], saved["documents"]
+            hashes.restore(saved["hashes"])
+            if budget.active:
+                budget.load_state_dict(saved["budget"])
             log(f"resuming: {done.documents:,} documents already in the shards of {tmp}")
+        if budget.active:
+            documents = _BudgetedStream(
+                per_input, budget, corpus, tok, start=saved["position"] if saved else None
+            )
+        else:
+            documents = _Skipped(corpus.documents(), done.documents)
         encode_started = time.perf_counter()
         total_bytes = None if budget.active else corpus.total_file_bytes()
         workers = max(1, min(os.cpu_count() or 1, 8))
@@ -441,14 +449,14 @@ def prepare(
                 args = (tok.eot_id, dtype, seed, val_fraction, budget.active or append)
 
                 def write_oldest() -> None:
-                    future, n_docs = in_flight.popleft()
+                    future, n_docs, position = in_flight.popleft()
                     _write_result(future.result(), writers, counts, budget, hashes)
                     _update(bar, task, counts, writers, encode_started, by_tokens is not None)
-                    done.add(n_docs, writers, counts)
+                    done.add(n_docs, writers, counts, hashes, budget, position)
 
-                stream = _skip(documents(), done.documents, hashes)
-                for batch in _batches(stream):
-                    in_flight.append((pool.submit(_encode_batch, batch, *args), len(batch.texts)))
+                for batch in _batches(documents):
+                    future = pool.submit(_encode_batch, batch, *args)
+                    in_flight.append((future, len(batch.texts), documents.position()))
                     # Keep every worker busy, but bound memory; write results in input order.
                     while len(in_flight) > 2 * workers:
                         write_oldest()
@@ -529,14 +537,17 @@ def prepare(
     return manifest
 
 
-def _skip(docs: Iterable[Document], n: int, hashes: DocHashes) -> Iterator[Document]:
-    """The documents after the first `n` (those a resumed prepare already wrote), whose
-    content hashes are recorded again on the way."""
-    for i, doc in enumerate(docs):
-        if i >= n:
-            yield doc
-        elif doc.split != "test":
-            hashes.add([content_hash(doc.text.encode("utf-8"))])
+class _Skipped:
+    """The documents after the first `n` (those a resumed prepare already wrote)."""
+
+    def __init__(self, docs: Iterable[Document], n: int):
+        self.docs, self.n = docs, n
+
+    def __iter__(self) -> Iterator[Document]:
+        return itertools.islice(self.docs, self.n, None)
+
+    def position(self) -> None:
+        return None  # the documents count is the position
 
 
 def _known_hashes(out: Path, existing: dict[str, Any] | None) -> np.ndarray | None:
@@ -629,7 +640,16 @@ class _Done:
         self.work, self.settings, self.record = work, settings, record
         self.documents, self.saved_at = 0, 0.0
 
-    def add(self, n_docs: int, writers: dict[str, ShardWriter], counts: dict) -> None:
+    def add(
+        self,
+        n_docs: int,
+        writers: dict[str, ShardWriter],
+        counts: dict,
+        hashes: DocHashes,
+        budget: TokenBudget,
+        position: dict[str, Any] | None,
+    ) -> None:
+        """After writing a batch: `position` is where reading stood right after it."""
         self.documents += n_docs
         if self.record and time.monotonic() - self.saved_at >= PROGRESS_EVERY_S:
             record = {
@@ -637,12 +657,16 @@ class _Done:
                 "documents": self.documents,
                 "counts": counts,
                 "writers": {split: w.state() for split, w in writers.items()},
+                "hashes": hashes.sync(),
+                "budget": budget.state_dict(),
+                "position": position,
             }
             atomic_write_json(self.work / PROGRESS_NAME, record)
             self.saved_at = time.monotonic()
 
     def finish(self) -> None:
         (self.work / PROGRESS_NAME).unlink(missing_ok=True)
+        (self.work / HASHES_PART).unlink(missing_ok=True)
 
 
 def _resumable(work: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -695,18 +719,40 @@ def _partial(work: Path, out: Path, overwrite: bool, keep: bool, log) -> Iterato
         os.replace(work, out)
 
 
-def _budgeted_documents(
-    per_input: list[Corpus], budget: TokenBudget, corpus: Corpus
-) -> Iterator[Document]:
-    """The inputs' documents as the budget mixes them; then --val-input's, outside it."""
-    for doc in MixedDocuments(per_input, budget):
-        if corpus.val is None:
-            yield doc
-        elif doc.split in (None, "train"):  # --val-input is the whole val split
-            yield Document(doc.text, "train", doc.source)
-    if corpus.val is not None:
-        for doc in corpus.val.documents():
-            yield Document(doc.text, "val", source=-1)
+class _BudgetedStream:
+    """The inputs' documents as the budget mixes them (with their END markers); then
+    --val-input's, outside the budget. `position()` says where reading stands; `start`
+    continues from such a position."""
+
+    def __init__(
+        self,
+        per_input: list[Corpus],
+        budget: TokenBudget,
+        corpus: Corpus,
+        tokenizer=None,
+        start: dict[str, Any] | None = None,
+    ):
+        self.mixed = MixedDocuments(
+            per_input, budget, tokenizer, start=start["mixture"] if start else None
+        )
+        self.corpus = corpus
+        self.val_docs = start["val_docs"] if start else 0
+
+    def position(self) -> dict[str, Any]:
+        return {"mixture": self.mixed.position(), "val_docs": self.val_docs}
+
+    def __iter__(self) -> Iterator[Document]:
+        val = self.corpus.val
+        if self.val_docs == 0:  # the mixture is not over yet
+            for doc in self.mixed:
+                if val is None or doc.split == END:
+                    yield doc
+                elif doc.split in (None, "train"):  # --val-input is the whole val split
+                    yield Document(doc.text, "train", doc.source)
+        if val is not None:
+            for doc in itertools.islice(val.documents(), self.val_docs, None):
+                self.val_docs += 1
+                yield Document(doc.text, "val", source=-1)
 
 
 def _limited(docs: Iterable[Document], max_chars: int | None) -> Iterator[Document]:
@@ -715,6 +761,8 @@ def _limited(docs: Iterable[Document], max_chars: int | None) -> Iterator[Docume
     for doc in docs:
         if max_chars is not None and seen >= max_chars:
             return
+        if doc.split == END:
+            continue
         seen += len(doc.text)
         yield doc
 
@@ -736,6 +784,9 @@ def _write_result(
     kept: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     offset = {"train": 0, "val": 0}
     for split, n, source, chars, nbytes, digest in result.per_doc:  # in input order
+        if split == END:  # an input has no more documents
+            budget.input_ended(source)
+            continue
         if hashes.dedup and digest in hashes:
             hashes.duplicates += 1
         elif source < 0 or budget.admit(source, n, chars):
@@ -754,10 +805,15 @@ class DocHashes:
     """Content hashes of the documents in a data directory (DATA_DIR/doc_hashes.rN.npy,
     sorted uint64), for `--append` to skip documents it already holds."""
 
-    def __init__(self, existing: np.ndarray | None = None, dedup: bool = False):
+    def __init__(
+        self, existing: np.ndarray | None = None, dedup: bool = False, part: Path | None = None
+    ):
+        """`part`: a file the new hashes are appended to as they come, so that a resumed
+        prepare has those of the documents written before it stopped."""
         self.dedup, self.duplicates = dedup, 0
         self.known: set[int] = set(existing.tolist()) if existing is not None else set()
         self.new: list[int] = []
+        self.part = open(part, "ab") if part is not None else None  # noqa: SIM115
 
     def __contains__(self, digest: int) -> bool:
         return digest in self.known
@@ -766,8 +822,32 @@ class DocHashes:
         self.new += digests
         if self.dedup:
             self.known.update(digests)
+        if self.part is not None and digests:
+            self.part.write(np.asarray(digests, dtype="<u8").tobytes())
+
+    def sync(self) -> int:
+        """Make the part file durable; the number of new hashes in it."""
+        if self.part is not None:
+            self.part.flush()
+            os.fsync(self.part.fileno())
+        return len(self.new)
+
+    def restore(self, count: int) -> None:
+        """Take the first `count` hashes of the part file (a resumed prepare)."""
+        assert self.part is not None
+        path = Path(self.part.name)
+        self.part.close()
+        with open(path, "r+b") as f:
+            f.truncate(count * 8)
+        self.new = np.fromfile(path, dtype="<u8").tolist()
+        if self.dedup:
+            self.known.update(self.new)
+        self.part = open(path, "ab")  # noqa: SIM115
 
     def save(self, folder: Path, name: str) -> None:
+        if self.part is not None:
+            self.part.close()
+            self.part = None
         everything = np.fromiter(self.known | set(self.new), dtype=np.uint64)
         path = folder / name
         with open(path.with_suffix(".tmp"), "wb") as f:
