@@ -13,7 +13,7 @@ unless that frame is among the shard's lmlab.data.frames.CACHE_FRAMES most recen
 with the default sizes the split is about 150 frames, so most reads decode a frame, as
 on a data set far larger than the cache. The variants are read in turn, --rounds times,
 and the medians are reported. Besides the prepared shards (frames of
-lmlab.data.frames.FRAME_TOKENS), the same tokens are also written with frames of 8,192
+lmlab.data.frames.FRAME_TOKENS), the same tokens are also written with frames of 16,384
 and 65,536 tokens to show what the frame size costs.
 
     python benchmarks/loader_throughput.py
@@ -96,7 +96,7 @@ def main() -> None:
             prepare([str(text)], root / compress, str(root / "raw"), compress=compress, **quiet)
             timing[compress] = time.perf_counter() - started
             splits[compress] = open_split(root / compress, "train")
-        for compress, frame_tokens in (("lz4", 8192), ("lz4", 65536), ("zstd", 65536)):
+        for compress, frame_tokens in (("lz4", 16384), ("lz4", 65536), ("zstd", 65536)):
             name = f"{compress}_frames_{frame_tokens}"
             splits[name] = rewrite(splits["raw"], root / name, compress, frame_tokens)
         for split in splits.values():  # the same tokens in every variant

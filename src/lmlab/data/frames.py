@@ -46,13 +46,13 @@ COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 MAGIC = b"LMLABTKZ"
 FRAME_VERSION = 1
 HEADER_BYTES = 64
-FRAME_TOKENS = 16384
+FRAME_TOKENS = 8192
 """Tokens per frame. A random window of 1,025 tokens decodes one frame (two where it
 straddles a boundary), so smaller frames read faster and compress a little worse: on BPE
-tokens, 16,384 reads ~2.3-2.6x faster than 65,536 and loses 3-8% of the ratio
-(benchmarks/loader_throughput.py)."""
+tokens (benchmarks/loader_throughput.py, one core) lz4 frames of 8,192 tokens read 51.7M
+tokens/s at a ratio of 1.29, 16,384 read 37.5M at 1.35, 65,536 read 15.3M at 1.46."""
 CACHE_FRAMES = 8
-"""Recently decoded frames each shard keeps (8 x 16,384 uint16 tokens = 256 KiB)."""
+"""Recently decoded frames each shard keeps (8 x 8,192 uint16 tokens = 128 KiB)."""
 
 _HEADER = struct.Struct("<8sIIQIIQQ")  # magic .. frame count, then reserved
 _INDEX = np.dtype([("offset", "<u8"), ("bytes", "<u4"), ("tokens", "<u4"), ("crc32", "<u4"), ("reserved", "<u4")])  # fmt: skip
@@ -314,25 +314,30 @@ class CompressedShard:
 
     def decode_frame(self, frame: int) -> np.ndarray:
         """Frame `frame`'s tokens, after checking its CRC-32 and token count."""
-        start = frame * self.frame_tokens
-        where = f"{self.path}: frame {frame} (tokens {start:,} to {start + self._tokens[frame]:,})"
         stored = self._view[self._offsets[frame] : self._offsets[frame] + self._bytes[frame]]
         if zlib.crc32(stored) != self._crc32[frame]:
             raise UserError(
-                f"{where} fails its checksum: the shard is corrupt "
+                f"{self._where(frame)} fails its checksum: the shard is corrupt "
                 "(`lmlab data verify` checks every frame; prepare the data again)"
             )
         size = self._tokens[frame] * self.dtype.itemsize
         try:
             data = self.codec.decompress(stored, size)
         except self.codec.error as e:
-            raise UserError(f"{where} does not decode ({e}): the shard is corrupt") from None
+            raise UserError(
+                f"{self._where(frame)} does not decode ({e}): the shard is corrupt"
+            ) from None
         if len(data) != size:
             raise UserError(
-                f"{where} decodes to {len(data) // self.dtype.itemsize:,} tokens, the index "
-                f"says {self._tokens[frame]:,}: the shard is corrupt"
+                f"{self._where(frame)} decodes to {len(data) // self.dtype.itemsize:,} tokens, "
+                f"the index says {self._tokens[frame]:,}: the shard is corrupt"
             )
         return np.frombuffer(data, dtype=self.dtype)
+
+    def _where(self, frame: int) -> str:
+        """The frame, for an error message (built only when one is raised)."""
+        start = frame * self.frame_tokens
+        return f"{self.path}: frame {frame} (tokens {start:,} to {start + self._tokens[frame]:,})"
 
     def _frame(self, frame: int) -> np.ndarray:
         tokens = self._cache.get(frame)
