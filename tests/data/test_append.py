@@ -98,3 +98,34 @@ def test_a_run_continues_on_appended_data(data: Path, tmp_path: Path):
     result = train(cfg, resume=run, log=lambda *a, **k: lines.append(a[0]))
     assert result.state.step == 30
     assert any("manifest revision 1 -> 2" in x for x in lines)
+
+
+@pytest.mark.parametrize("compress", ["lz4", "zstd"])
+def test_append_to_compressed_shards(tmp_path: Path, compress: str):
+    (tmp_path / "first.txt").write_text(paragraphs(3000))
+    data = tmp_path / "data"
+    prepare([str(tmp_path / "first.txt")], data, "char", compress=compress, **QUIET)
+    before = snapshot_all(data)
+    (tmp_path / "more.txt").write_text(paragraphs(3000, start=2000))
+    manifest = prepare([str(tmp_path / "more.txt")], data, append=True, **QUIET)
+    suffix = ".lz4" if compress == "lz4" else ".zst"
+    assert [e["file"] for e in manifest["splits"]["train"]["shards"]] == [
+        f"train_000000{suffix}",
+        f"train_000001{suffix}",
+    ]
+    assert manifest["compression"] == compress
+    for name, content in before.items():
+        assert (data / name).read_bytes() == content
+    assert verify(data) == []
+    with pytest.raises(UserError, match="--append writes the same kind"):
+        prepare(
+            [str(tmp_path / "first.txt")],
+            data,
+            append=True,
+            compress="zstd" if compress == "lz4" else "lz4",
+            **QUIET,
+        )
+
+
+def snapshot_all(data: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(data.iterdir()) if p.suffix in (".lz4", ".zst")}

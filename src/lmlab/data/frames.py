@@ -129,8 +129,10 @@ class CompressedShardWriter:
         shard_tokens: int,
         compression: str,
         frame_tokens: int = FRAME_TOKENS,
+        first_index: int = 0,
     ):
-        self.directory, self.prefix = Path(directory), prefix
+        """`first_index` numbers the first shard (an append continues the numbering)."""
+        self.directory, self.prefix, self.first_index = Path(directory), prefix, first_index
         self.dtype, self.shard_tokens = np.dtype(dtype), shard_tokens
         self.codec, self.frame_tokens = load_codec(compression), frame_tokens
         self.shards: list[dict[str, Any]] = []
@@ -140,6 +142,7 @@ class CompressedShardWriter:
         self._pending = np.zeros(0, dtype=self.dtype)  # tokens not yet in a frame
 
     def _name(self, number: int) -> Path:
+        number += self.first_index
         return self.directory / f"{self.prefix}_{number:06d}{_EXTENSION[self.codec.name]}"
 
     def _open_next(self) -> None:

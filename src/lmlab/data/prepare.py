@@ -306,8 +306,12 @@ def prepare(
                 "--append adds to a data directory: it takes no --resume or --overwrite"
             )
         existing = load_manifest(out)  # one line if it is not a data directory
-        if existing.get("compression"):
-            raise UserError(f"--append does not add to compressed shards ({out}) yet")
+        if compress is not None and compress != existing.get("compression"):
+            raise UserError(
+                f"{out} holds {existing.get('compression') or 'raw'} shards: --append writes the "
+                "same kind, drop --compress"
+            )
+        compress = existing.get("compression")  # new shards are written as the old ones
     elif out.exists() and not overwrite:
         raise UserError(
             f"{out} already exists: choose another --out, pass --overwrite, or --append to add to it"
@@ -401,7 +405,15 @@ def prepare(
                 first_index=len(existing["splits"][s]["shards"]) if existing else 0,
             )
             if compress is None  # --compress: frames with an index (lmlab.data.frames)
-            else CompressedShardWriter(tmp, s, dtype, shard_tokens, compress)
+            else CompressedShardWriter(
+                tmp,
+                s,
+                dtype,
+                shard_tokens,
+                compress,
+                frame_tokens=existing["frame_tokens"] if existing else FRAME_TOKENS,
+                first_index=len(existing["splits"][s]["shards"]) if existing else 0,
+            )
             for s in ("train", "val")
         }
         done = _Done(tmp, settings, record=not append)
