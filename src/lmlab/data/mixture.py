@@ -83,7 +83,6 @@ class TokenBudget:
     max_tokens: int | None
     max_input_tokens: int | None
     tokens: list[int] = field(init=False)
-    chars: list[int] = field(init=False)
     targets: list[float] = field(init=False)
     exhausted: int | None = None
     """The input whose end fixed a mixture's size (it ran out short of its share)."""
@@ -92,7 +91,7 @@ class TokenBudget:
 
     def __post_init__(self) -> None:
         n = len(self.names)
-        self.tokens, self.chars, self.closed = [0] * n, [0] * n, [False] * n
+        self.tokens, self.closed = [0] * n, [False] * n
         if self.weights is not None and self.max_tokens is not None:
             self.targets = [w * self.max_tokens for w in self.weights]
         else:
@@ -132,7 +131,7 @@ class TokenBudget:
         """No input takes more documents."""
         return all(self.closed)
 
-    def admit(self, source: int, n_tokens: int, n_chars: int) -> bool:
+    def admit(self, source: int, n_tokens: int) -> bool:
         """Write this document? Counts it if so; closes its input (or, under a total cap
         without weights, every input) at the first one that overshoots by more than half."""
         if self.closed[source]:
@@ -148,7 +147,6 @@ class TokenBudget:
             self.closed = [True] * len(self.closed)
             return False
         self.tokens[source] += n_tokens
-        self.chars[source] += n_chars
         return True
 
     def input_ended(self, source: int) -> None:
@@ -175,14 +173,13 @@ class TokenBudget:
     def state_dict(self) -> dict[str, Any]:
         return {
             "tokens": self.tokens,
-            "chars": self.chars,
             "closed": self.closed,
             "targets": [t if math.isfinite(t) else None for t in self.targets],
             "exhausted": self.exhausted,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tokens, self.chars = list(state["tokens"]), list(state["chars"])
+        self.tokens = list(state["tokens"])
         self.closed = list(state["closed"])
         self.targets = [math.inf if t is None else t for t in state["targets"]]
         self.exhausted = state["exhausted"]

@@ -131,8 +131,8 @@ class _Encoded:
     tokens: dict[str, np.ndarray]
     documents: dict[str, int]
     text_bytes: dict[str, int]
-    per_doc: list[tuple[str, int, int, int, int, int]] | None = None
-    """With a budget or --append: (split, tokens, input, characters, bytes, content hash) of
+    per_doc: list[tuple[str, int, int, int, int]] | None = None
+    """With a budget or --append: (split, tokens, input, bytes, content hash) of
     each document, in input order (so that caps apply in the order the documents came)."""
     hashes: list[int] | None = None
     """The content hash of each document written (all of them without `per_doc`)."""
@@ -161,15 +161,15 @@ def _encode_batch(
     per_doc: bool = False,
 ) -> _Encoded:
     """Split, encode and flatten one batch (runs in a worker process); `per_doc` also
-    reports each document's token count, input, characters and bytes."""
+    reports each document's token count, input, bytes and content hash."""
     pieces: dict[str, list[str]] = {"train": [], "val": []}
     ends_doc: dict[str, list[bool]] = {"train": [], "val": []}
     documents = {"train": 0, "val": 0}
     text_bytes = {"train": 0, "val": 0}
-    order: list[tuple[str, int, int, int, int]] = []  # (split, input, chars, bytes, hash)
+    order: list[tuple[str, int, int, int]] = []  # (split, input, bytes, hash)
     for text, given, source in zip(batch.texts, batch.splits, batch.sources, strict=True):
         if given == END:  # an input's end, passed on to the writer in its place
-            order.append((END, source, 0, 0, 0))
+            order.append((END, source, 0, 0))
             continue
         data = text.encode("utf-8")
         split = given or split_of(data, seed, val_fraction)
@@ -180,7 +180,7 @@ def _encode_batch(
         parts = _pieces(text)
         pieces[split] += parts
         ends_doc[split] += [False] * (len(parts) - 1) + [True]
-        order.append((split, source, len(text), len(data), content_hash(data)))
+        order.append((split, source, len(data), content_hash(data)))
     tokens, eot = {}, (eot_id,)
     doc_tokens: dict[str, Iterator[int]] = {}
     for split in ("train", "val"):
@@ -795,13 +795,13 @@ def _write_result(
         return
     kept: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     offset = {"train": 0, "val": 0}
-    for split, n, source, chars, nbytes, digest in result.per_doc:  # in input order
+    for split, n, source, nbytes, digest in result.per_doc:  # in input order
         if split == END:  # an input has no more documents
             budget.input_ended(source)
             continue
         if hashes.dedup and digest in hashes:
             hashes.duplicates += 1
-        elif source < 0 or budget.admit(source, n, chars):
+        elif source < 0 or budget.admit(source, n):
             kept[split].append(result.tokens[split][offset[split] : offset[split] + n])
             counts[split]["documents"] += 1
             counts[split]["text_bytes"] += nbytes

@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 from lmlab.config import Config, load_config
 from lmlab.errors import UserError
 from lmlab.fileio import hide_directory, remove_directory
-from lmlab.runs.checkpoint import PREFIX, list_checkpoints, read_meta
+from lmlab.runs.checkpoint import PREFIX, leftovers, list_checkpoints, read_meta
 from lmlab.runs.folder import CONFIG_NAME, find_runs, is_run_dir
 from lmlab.runs.lock import LOCK_NAME, RunLock, RunLockedError, lock_state, read_holder
 from lmlab.runs.metrics import read_metrics, summarize, wall_time_s
@@ -31,7 +31,6 @@ from lmlab.runs.status import RunStatus, read_recorded, run_status
 
 # What `atomic_directory`, `atomic_write_bytes` and `hide_directory` leave behind when a
 # process dies in the middle: hidden names ending in one of these.
-LEFTOVER_SUFFIXES = (".tmp", ".old")
 
 
 class RunIsRunningError(UserError):
@@ -288,14 +287,6 @@ def _remove(action: Callable[[Path], Any], path: Path) -> Any:
         ) from None
 
 
-def _leftovers(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(LEFTOVER_SUFFIXES)
-    )
-
-
 def clean_candidates(runs_dir: str | Path) -> list[CleanItem]:
     """What `lmlab runs clean` removes: temporary files and folders a crash left (in name
     folders, run folders and checkpoints/), and whole runs without a complete checkpoint.
@@ -305,7 +296,7 @@ def clean_candidates(runs_dir: str | Path) -> list[CleanItem]:
     names = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     for parent in names:
         if not parent.name.startswith("."):
-            items += [_leftover(p, "left by an unfinished deletion") for p in _leftovers(parent)]
+            items += [_leftover(p, "left by an unfinished deletion") for p in leftovers(parent)]
     for run in find_runs(root):
         if run_status(run)[0] == "running":
             continue  # its temporary folders may be a checkpoint being written right now
@@ -313,7 +304,7 @@ def clean_candidates(runs_dir: str | Path) -> list[CleanItem]:
             items.append(CleanItem(run, "run", "no complete checkpoint", disk_bytes(run)))
             continue
         for folder in (run, run / "checkpoints"):
-            items += [_leftover(p, "left by a crash while writing") for p in _leftovers(folder)]
+            items += [_leftover(p, "left by a crash while writing") for p in leftovers(folder)]
     return items
 
 

@@ -125,15 +125,20 @@ def record_hashes(ckpt: str | Path) -> None:
     atomic_write_json(ckpt / "meta.json", meta)
 
 
+def leftovers(folder: str | Path) -> list[Path]:
+    """The hidden temporary folders and files in `folder` that interrupted writes left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(LEFTOVER_SUFFIXES)
+    )
+
+
 def remove_leftovers(run_dir: str | Path) -> list[Path]:
     """Delete the hidden temporary folders that interrupted saves and deletions left in
     RUN_DIR/checkpoints (call it only while holding the run's lock); returns them."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = sorted(
-        p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(LEFTOVER_SUFFIXES)
-    )
+    found = leftovers(Path(run_dir) / "checkpoints")
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return found
