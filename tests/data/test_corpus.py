@@ -51,12 +51,22 @@ def test_binary_and_non_utf8_are_skipped(tmp_path: Path):
         ("nothing*.txt", "matches no files"),
         ("ftp:whatever", "unknown corpus"),
         ("hf:", "needs a dataset"),
+        ("sample:hamlet", "shipped samples are sample:shakespeare"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, monkeypatch, spec, match):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=match):
         Corpus([spec])
+
+
+def test_shipped_sample_is_a_text_input(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of that name around: it comes from the package
+    docs = list(Corpus(["sample:shakespeare"], doc_unit="file").documents())
+    assert len(docs) == 1 and docs[0].text.startswith("First Citizen:")
+    assert len(docs[0].text) == 1_115_394  # tinyshakespeare, whole
+    tail = list(Corpus(["sample:shakespeare"], doc_unit="file", val_split="tail").documents())
+    assert [d.split for d in tail] == ["train", "val"]
 
 
 def test_folder_without_text_files(tmp_path: Path):

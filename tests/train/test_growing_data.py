@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmlab.config import build_config
 from lmlab.data.loader import TokenLoader
+from lmlab.data.packing import PackedLoader
 from lmlab.data.shards import open_split
 from lmlab.errors import UserError
 from lmlab.fileio import sha256_file
@@ -41,7 +43,11 @@ def grow(data: Path) -> int:
     return first["tokens"]
 
 
-def config(data: Path, runs: Path):
+def eot_id(data: Path) -> int:
+    return json.loads((data / "manifest.json").read_text())["tokenizer"]["eot_id"]
+
+
+def config(data: Path, runs: Path, *extra: str):
     return build_config(
         "ultra-tiny",
         overrides=[
@@ -54,6 +60,7 @@ def config(data: Path, runs: Path):
             "eval.interval=0",
             "checkpoint.interval=10",
             "logging.tensorboard=false",
+            *extra,
         ],
     )
 
@@ -76,22 +83,58 @@ def test_the_epoch_in_progress_keeps_its_windows_and_new_ones_join_the_next(data
     assert len(set(next_epoch.tolist())) == len(next_epoch)  # each window once
 
 
-def test_a_run_resumes_on_grown_data(data: Path, tmp_path: Path):
-    run = train(config(data, tmp_path), stop_at_step=10, log=lambda *a, **k: None).run_dir
+def test_best_fit_packing_also_finishes_the_epoch_before_new_documents_join(data: Path):
+    eot = eot_id(data)
+    before = PackedLoader(open_split(data, "train"), 4, 32, eot, seed=3)
+    for _ in range(5):
+        before.next_batch()
+    state = before.state_dict()
+    rest_of_epoch = [before.next_batch() for _ in range(before.batches_per_epoch - 5)]
+    old_documents, old_rows = before.num_documents, before.epoch_rows(1).num_rows
+    grow(data)
+    after = PackedLoader(open_split(data, "train"), 4, 32, eot, seed=3)
+    assert after.num_documents == 2 * old_documents
+    after.load_state_dict(state)
+    for expected in rest_of_epoch:  # the same rows as if nothing had grown
+        assert all(torch.equal(a, b) for a, b in zip(after.next_batch(), expected, strict=True))
+    after.next_rows()
+    assert after.epoch == 1 and after.epoch_documents == after.num_documents
+    assert after.batches_per_epoch * 4 > 1.9 * old_rows  # the next epoch packs both halves
+
+
+def test_best_fit_packing_refuses_documents_that_changed(data: Path):
+    eot = eot_id(data)
+    state = PackedLoader(open_split(data, "train"), 4, 32, eot, seed=3).state_dict()
+    shard = data / "train_000000.bin"
+    raw = shard.read_bytes()
+    header = len(raw) - 2 * len(open_split(data, "train").shards[0])  # then uint16 tokens
+    tokens = np.frombuffer(raw[header:], dtype="<u2").copy()
+    cut = int(np.flatnonzero(tokens[1:] == eot)[0]) + 1  # the first EOT after the first token
+    tokens[cut] = tokens[cut + 1]  # goes: two documents become one, as many tokens as before
+    shard.write_bytes(raw[:header] + tokens.tobytes())
+    with pytest.raises(UserError, match="do not begin with them"):
+        PackedLoader(open_split(data, "train"), 4, 32, eot, seed=3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("packing", ["concat", "best_fit"])
+def test_a_run_resumes_on_grown_data(packing: str, data: Path, tmp_path: Path):
+    extra = (f"data.packing={packing}",)
+    run = train(config(data, tmp_path, *extra), stop_at_step=10, log=lambda *a, **k: None).run_dir
     assert load_state(list_checkpoints(run)[-1])["data"]["revision"] == 1
     added = grow(data)
     lines: list[str] = []
-    result = train(config(data, tmp_path), resume=run, log=lambda *a, **k: lines.append(a[0]))
+    result = train(
+        config(data, tmp_path, *extra), resume=run, log=lambda *a, **k: lines.append(a[0])
+    )
     assert result.state.step == 40
     assert any(
         f"grew by 1 shard(s), {added:,} tokens (manifest revision 1 -> 2)" in x for x in lines
     )
     saved = load_state(list_checkpoints(run)[-1])
     assert saved["data"]["revision"] == 2 and len(saved["data"]["train_shards"]) == 2
-    assert (
-        saved["loader"]["num_windows"] > saved["loader"]["epoch_windows"]
-        or saved["loader"]["epoch"] > 0
-    )
+    unit = "windows" if packing == "concat" else "documents"
+    loader = saved["loader"]
+    assert loader[f"num_{unit}"] > loader[f"epoch_{unit}"] or loader["epoch"] > 0
 
 
 @pytest.mark.parametrize("change", ["rewritten", "removed"])

@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
         epilog="""examples:
   lmlab prepare --input dsl:flowroll --tokenizer bpe:512 --out data/flowroll
   lmlab prepare --input notes/ 'more/**/*.md' --tokenizer bpe:8192 --out data/notes
-  lmlab prepare --input shakespeare.txt --tokenizer char --out data/shakespeare-char
+  lmlab prepare --input sample:shakespeare --tokenizer char --out data/shakespeare-char  # shipped, offline
   lmlab prepare --input hf:roneneldan/TinyStories --tokenizer gpt2 --out data/tinystories
   lmlab prepare --input train.txt --val-input val.txt --tokenizer char --out data/split
   lmlab prepare --input corpus/ --tokenizer bpe:50257 bpe:32000 --out data/gpt2tok data/llamatok
@@ -29,8 +29,8 @@ def main(argv: list[str]) -> int:
   lmlab prepare --input corpus/ --tokenizer bpe:8192 --out data/notes --resume   # after a Ctrl-C
   lmlab prepare --input new-notes/ --out data/notes --append      # new shards, same tokenizer
 
-inputs: files (.txt .md .jsonl), folders (recursive), globs, dsl:flowroll, dsl:dimmatch
-(dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed);
+inputs: files (.txt .md .jsonl), folders (recursive), globs, sample:shakespeare (shipped with
+lmlab), dsl:flowroll, dsl:dimmatch (dsl:NAME:PROGRAMS:DIFFICULTY), hf:NAME or hf:LOCAL_PATH (Hugging Face datasets, streamed);
 INPUT@WEIGHT on every input mixes them in those token shares (with --max-tokens: of that
 total; without: until the first input runs out).
 tokenizer: bpe:N or char[:N] trains one on the training documents; a tokenizer.json, a folder

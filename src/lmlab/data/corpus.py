@@ -5,6 +5,8 @@ An input is one of:
     any other extension given explicitly is read as text;
   - a directory, searched recursively for `.txt`, `.md` and `.jsonl` files;
   - a glob such as `notes/**/*.md`;
+  - a text sample shipped inside lmlab: `sample:shakespeare` (read as that text file, so
+    it works offline on a fresh install);
   - a built-in practice language: `dsl:flowroll` or `dsl:dimmatch`, optionally
     `dsl:NAME:N` (N training programs) and `dsl:NAME:N:D` (difficulty D, e.g. `1-3`);
   - a Hugging Face dataset: `hf:NAME` (hub, streamed) or `hf:PATH` (a local dataset folder,
@@ -172,6 +174,16 @@ class Corpus:
             )
 
     def _resolve(self, spec: str) -> None:
+        if spec.startswith("sample:"):
+            from lmlab.data.samples import sample_names, sample_path
+
+            if spec[7:] not in sample_names():
+                raise UserError(
+                    f"unknown sample {spec!r}: shipped samples are "
+                    + ", ".join(f"sample:{n}" for n in sample_names())
+                )
+            self.files.append(sample_path(spec[7:] + ".txt"))
+            return
         if spec.startswith("dsl:"):
             parse_dsl_spec(spec)  # validate now, fail before any work
             self.specials.append(spec)
@@ -187,7 +199,8 @@ class Corpus:
             and not re.match(r"^[A-Za-z]:[\\/]", spec)
         ):
             raise UserError(
-                f"unknown corpus {spec!r}: built-in corpora are dsl:flowroll and dsl:dimmatch; datasets are hf:NAME"
+                f"unknown corpus {spec!r}: built-in corpora are dsl:flowroll, dsl:dimmatch and "
+                "sample:shakespeare; datasets are hf:NAME"
             )
         path = Path(spec).expanduser()
         if (path.is_file() and path.suffix.lower() in DATASET_ONLY_SUFFIXES) or _saved_dataset(

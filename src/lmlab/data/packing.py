@@ -28,6 +28,10 @@ the loss). `utilisation` is the share of target positions that hold a real targe
 The plan of an epoch is a pure function of (data, seq_len, seed, epoch, buffer_docs), so
 the loader's state is two integers (epoch, position), as TokenLoader's; a resumed run
 plans the epoch again and reads exactly the rows an uninterrupted run would have read.
+Data that grows (shards appended, `lmlab prepare --append`) joins at an epoch boundary as
+in TokenLoader: appended shards come after the old ones, so the old documents keep their
+ids; the epoch in progress is planned over the documents it started with, the next one
+over all of them.
 With several processes, each global batch of `batch_size * world_size` rows is dealt out
 so that rank r takes its own slice.
 """
@@ -208,6 +212,7 @@ class PackedLoader:
         self.num_tokens = int(self.documents.length.sum())
         self.global_batch = batch_size * world_size
         self.epoch, self.position = 0, 0
+        self.epoch_documents = self.num_documents  # the documents the epoch in progress packs
         self._plan_epoch, self._plan = -1, None
         rows = self._epoch_rows().num_rows
         if rows < self.global_batch:
@@ -216,18 +221,21 @@ class PackedLoader:
                 f"one batch needs {self.global_batch}; use a smaller batch or seq_len, or more data"
             )
 
-    def epoch_rows(self, epoch: int) -> PackedRows:
-        """The plan of `epoch` (the same for every rank and every resume)."""
+    def epoch_rows(self, epoch: int, num_documents: int | None = None) -> PackedRows:
+        """The plan of `epoch` over the first `num_documents` documents (default: all): the
+        same for every rank and every resume."""
+        n = self.num_documents if num_documents is None else num_documents
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.num_documents)
+            order = rng.permutation(n)
         else:
-            rng, order = None, np.arange(self.num_documents)
+            rng, order = None, np.arange(n)
         return pack_documents(self.documents, order, self.seq_len, self.buffer_docs, rng)
 
     def _epoch_rows(self) -> PackedRows:
         if self._plan_epoch != self.epoch:
-            self._plan, self._plan_epoch = self.epoch_rows(self.epoch), self.epoch
+            self._plan = self.epoch_rows(self.epoch, self.epoch_documents)
+            self._plan_epoch = self.epoch
         return self._plan
 
     @property
@@ -248,6 +256,7 @@ class PackedLoader:
         """This rank's row ids (in this epoch's plan) for the next batch; advances the cursor."""
         if self.position + self.global_batch > self._epoch_rows().num_rows:
             self.epoch, self.position = self.epoch + 1, 0  # drop the ragged end of an epoch
+            self.epoch_documents = self.num_documents  # documents of grown data join here
         order = self._epoch_rows().order
         start = self.position + self.rank * self.batch_size
         self.position += self.global_batch
@@ -296,23 +305,36 @@ class PackedLoader:
             "seed": self.seed,
             "num_documents": self.num_documents,
             "num_tokens": self.num_tokens,
+            "epoch_documents": self.epoch_documents,
             "seq_len": self.seq_len,
             "buffer_docs": self.buffer_docs,
             "global_batch": self.global_batch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the cursor; refuses a state from other data, packing or row length."""
+        """Restore the cursor; refuses a state from other data, packing or row length. Data
+        that grew since (documents after the old ones) is taken: it joins at the next epoch."""
         if state.get("packing") != "best_fit":
             raise UserError(
                 "cannot resume the data cursor: the run was packed with "
                 f"{state.get('packing', 'concat')}, now best_fit"
             )
-        for key in ("num_documents", "num_tokens", "seq_len", "seed", "buffer_docs"):
+        for key in ("seq_len", "seed", "buffer_docs"):
             if state[key] != getattr(self, key):
                 raise UserError(
                     f"cannot resume the data cursor: {key} was {state[key]}, now {getattr(self, key)} "
-                    "(the data or the batch shape changed)"
+                    "(the batch shape changed)"
                 )
+        before = state["num_documents"]
+        if before > self.num_documents or int(self.documents.length[:before].sum()) != int(
+            state["num_tokens"]
+        ):
+            raise UserError(
+                f"cannot resume the data cursor: the split held {before:,} documents of "
+                f"{state['num_tokens']:,} tokens, now {self.num_documents:,} of {self.num_tokens:,} "
+                "that do not begin with them (only appended data can join a run)"
+            )
+        self.epoch_documents = state.get("epoch_documents", before)
         # As in TokenLoader, another world size or micro-batch deals the same rows out anew.
         self.epoch, self.position = state["epoch"], state["position"]
+        self._plan_epoch, self._plan = -1, None
