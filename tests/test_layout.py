@@ -33,6 +33,7 @@ ORDER = [
     "export",
     "finetune",
     "experiments",
+    "doctor",  # reads the machine and the runs folder; imported only by its command
     "commands",
     "cli",
     "__main__",

@@ -18,6 +18,7 @@ from lmlab.errors import UserError
 # name -> one-line description; the code is lmlab.commands.<name>:main
 COMMANDS: dict[str, str] = {
     "quickstart": "Train a small model on FLOWROLL end to end, in minutes on a CPU",
+    "doctor": "Check this machine: Python, torch build, devices, threads, disk, extras, Hub",
     "dsl": "Generate and score the practice languages FLOWROLL and DIMMATCH",
     "tokenizer": "Train a byte-level BPE or char-level tokenizer",
     "prepare": "Tokenize text, JSONL, HF datasets or a practice language into token shards",
@@ -105,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"lmlab {name}: error: {_denied_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader of our output went away (`lmlab doctor --json | head`): not an error of
+        # ours. Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except KeyboardInterrupt:
         print(f"lmlab {name}: interrupted", file=sys.stderr)
         # A worker of `--nproc K` leaves the exit status to its launcher (torchrun would
