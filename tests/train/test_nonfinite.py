@@ -4,6 +4,7 @@ whose loss turns NaN (or jumps) on chosen calls, so every case is deterministic.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -228,3 +229,37 @@ def test_metrics_log_writes_nonfinite_numbers_as_null(tmp_path: Path):
         "val_loss": None,
         "nonfinite": ["loss", "val_loss"],
     }
+
+
+# The gradient norm a step reports (and the metrics log records): the global norm of the
+# gradients before clipping, averaged over a logging interval's good steps.
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_the_step_reports_the_norm_before_clipping(
+    flowroll_data: Path, tmp_path: Path, grad_clip: float
+):
+    cfg = config(flowroll_data, tmp_path)
+    task = PretrainTask(cfg)
+    from lmlab.train.distributed import runtime
+
+    env, device = runtime.init("cpu")
+    engine = build_engine(cfg, env, device)
+    reference = copy.deepcopy(engine.model)
+    loader, twin = task.train_loader(cfg, env), task.train_loader(cfg, env)
+    reference(*twin.next_batch())[1].backward()  # the plain computation, on the same batch
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in reference.parameters()))
+    train_step(engine, loader.next_batch, 1, 1e-3, grad_clip)
+    assert engine.grad_norm is not None
+    assert engine.grad_norm.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() > 10 * 1e-3  # so the clipped run really clipped
+
+
+def test_the_metrics_log_records_the_mean_norm_of_good_steps(flowroll_data: Path, tmp_path: Path):
+    cfg = config(flowroll_data, tmp_path, "train.max_steps=8")
+    run = train(cfg, task_factory=poisoned({3}), log=lambda *a, **k: None).run_dir
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "loss" in x and "val_loss" not in x]
+    assert [x["step"] for x in logged] == [2, 4, 6, 8]
+    assert all(x["grad_norm"] > 0 for x in logged)  # the NaN step 3 is left out of its mean
+    assert logged[1]["skipped_steps"] == 1

@@ -353,7 +353,7 @@ class Trainer:
             while state.step < t.max_steps:
                 lr = lr_at(state.step, t) * state.lr_scale
                 loss = self.task.step(self.engine, self.loader, self.accum, lr, t.grad_clip)
-                meter.add(loss, self.engine.skipped)
+                meter.add(loss, self.engine.skipped, self.engine.grad_norm)
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 final = state.step == t.max_steps
@@ -544,6 +544,12 @@ class Trainer:
         good = meter.steps - skipped
         loss_sum = runtime.mean_across_ranks(meter.loss_sum, self.env).item()
         loss = loss_sum / good if good else None
+        # Each rank's norm is the global one already (its gradients are all-reduced).
+        grad_norm = (
+            meter.grad_norm_sum.item() / good
+            if good and meter.grad_norm_steps == meter.steps
+            else None
+        )
         synchronize(self.device)
         step_time_s = meter.elapsed_s() / meter.steps
         tokens_per_s = self.tokens_per_step / step_time_s
@@ -555,6 +561,7 @@ class Trainer:
             "step": self.state.step,
             "loss": loss,
             "lr": lr,
+            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
             "tokens_seen": self.state.tokens_seen,
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time_s,
@@ -680,18 +687,23 @@ class Trainer:
 
 
 class _Meter:
-    """On the device: the loss summed over the current logging interval's good steps, the
-    steps it skipped, and the length of the current run of skipped steps; on the host, the
-    wall clock with pauses (evaluation, checkpoints) left out."""
+    """On the device: the loss and the gradient norm summed over the current logging
+    interval's good steps, the steps it skipped, and the length of the current run of
+    skipped steps; on the host, the wall clock with pauses (evaluation, checkpoints) left
+    out."""
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self.grad_norm_steps = 0  # steps that reported a norm
         self.skipped_sum = torch.zeros((), device=device)
         self.bad_run = torch.zeros((), device=device)
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.grad_norm_steps = 0
         self.skipped_sum.zero_()
         self.steps, self.started = 0, time.perf_counter()
 
@@ -700,10 +712,18 @@ class _Meter:
         self.bad_run.zero_()
         self.reset()
 
-    def add(self, step_loss: torch.Tensor, skipped: torch.Tensor | None) -> None:
+    def add(
+        self,
+        step_loss: torch.Tensor,
+        skipped: torch.Tensor | None,
+        grad_norm: torch.Tensor | None = None,
+    ) -> None:
         if skipped is None:  # a task whose step does not report skips
             skipped = torch.zeros_like(self.skipped_sum)
         self.loss_sum += torch.where(skipped > 0, 0.0, step_loss)
+        if grad_norm is not None:
+            self.grad_norm_sum += torch.where(skipped > 0, 0.0, grad_norm.float())
+            self.grad_norm_steps += 1
         self.skipped_sum += skipped
         self.bad_run.mul_(skipped).add_(skipped)  # +1 while skipping, back to 0 on a good step
         self.steps += 1

@@ -55,6 +55,9 @@ class Engine:
     skipped: torch.Tensor | None = None
     """1.0 when the last step's loss or gradients were not finite and it changed nothing,
     else 0.0; a float on the device, so that reading it is the caller's choice of sync."""
+    grad_norm: torch.Tensor | None = None
+    """The last step's global gradient norm before clipping (on the device; None where it
+    was not computed: fp16 without clipping)."""
 
 
 _DEFAULT_THREADS = torch.get_num_threads()  # one per core, or OMP_NUM_THREADS
@@ -135,9 +138,10 @@ def train_step(
         loss_sum += loss.detach() / accum
     bad = ~torch.isfinite(loss_sum)
     if e.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients itself
+        norm = None
         if grad_clip > 0:
             e.scaler.unscale_(e.optimizer)
-            torch.nn.utils.clip_grad_norm_(e.model.parameters(), grad_clip, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(e.model.parameters(), grad_clip, foreach=True)
         e.scaler.step(e.optimizer)
         e.scaler.update()
     else:
@@ -147,7 +151,7 @@ def train_step(
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         _optimizer_step_unless(e.optimizer, bad)
     e.optimizer.zero_grad(set_to_none=True)
-    e.skipped = bad.float()
+    e.skipped, e.grad_norm = bad.float(), norm
     return loss_sum
 
 
