@@ -6,6 +6,7 @@ from lmlab.cli import main as cli_main
 from lmlab.config import build_config, load_config, preset_names, save_config
 from lmlab.errors import UserError
 from lmlab.model.build import param_count
+from lmlab.recipes import GPU_RECIPES
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -57,6 +58,10 @@ def test_config_show_lists_every_preset_with_its_count(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for name in preset_names():
+        if name in GPU_RECIPES:  # one row per model size, a column per card
+            preset, card = GPU_RECIPES[name]
+            assert preset in out.split("GPU recipes")[1] and card in out.split("GPU recipes")[1]
+            continue
         assert name in out
         assert f"{param_count(build_config(name).model):,}" in out
     with pytest.raises(SystemExit):

@@ -104,6 +104,41 @@ RECIPES: dict[str, dict[str, Any]] = {
         "finetune": {"method": "lora", "objective": "dpo", "epochs": 1.0, "dpo_beta": 0.1},
     },
 }
+# The GPU ladder: one recipe per model size and card, e.g.
+# `lmlab train --preset llama-134m-rtx4090 --data DIR`, named SIZE-CARD. Each trains for
+# the compute-optimal 20 tokens per parameter at a fixed number of tokens per step; the
+# micro-batch is the largest power of two (up to 64) that the planner's memory estimate
+# fits on one card (lmlab.estimate.plan.largest_micro_batch; tests/estimate/test_ladder.py
+# keeps the two equal), and gradient accumulation makes up the rest of the step.
+# `lmlab plan --preset llama-134m-rtx4090` prints the recipe's memory, time and cost.
+GPU_CARDS = ("t4", "rtx3080", "rtx4090", "a100-80gb", "h100")
+"""Hardware presets (lmlab.estimate's hardware.yaml) with a recipe for every ladder size."""
+GPU_LADDER: dict[str, dict[str, Any]] = {
+    # preset: tokens per step, steps (20 tokens/param), peak lr, micro-batch per card
+    "llama-25m": dict(tokens_per_step=262_144, max_steps=1901, lr=1e-3, micro=(16, 16, 32, 64, 64)),
+    "llama-53m": dict(tokens_per_step=262_144, max_steps=4061, lr=8e-4, micro=(16, 8, 32, 64, 64)),
+    "llama-134m": dict(tokens_per_step=524_288, max_steps=5116, lr=6e-4, micro=(8, 4, 16, 64, 64)),
+    "llama-374m": dict(tokens_per_step=524_288, max_steps=14262, lr=3e-4, micro=(4, 1, 8, 32, 32)),
+}
+GPU_RECIPES: dict[str, tuple[str, str]] = {}
+"""Recipe name -> (model preset, hardware preset)."""
+for _preset, _rung in GPU_LADDER.items():
+    for _card, _micro in zip(GPU_CARDS, _rung["micro"], strict=True):
+        GPU_RECIPES[f"{_preset}-{_card}"] = (_preset, _card)
+        RECIPES[f"{_preset}-{_card}"] = {
+            "model": {"preset": _preset},
+            "train": {
+                "max_steps": _rung["max_steps"],
+                "tokens_per_step": _rung["tokens_per_step"],
+                "micro_batch_size": _micro,
+                "lr": _rung["lr"],
+                "warmup_steps": max(100, _rung["max_steps"] // 50),
+                "device": "cuda",
+            },
+            "eval": {"interval": 250, "batches": 20},
+            "checkpoint": {"interval": 500},
+        }
+
 RECIPE_DESCRIPTIONS = {
     "quickstart": "tiny LLaMA for the FLOWROLL quickstart (CPU, a few minutes)",
     "shakespeare-char-reference": "the classic CPU demo: GPT 4x128, context 64, batch 12, 2000 steps",
@@ -114,6 +149,14 @@ RECIPE_DESCRIPTIONS = {
     "finetune-dpo": "lmlab finetune --method dpo: preference pairs, full weights, beta 0.1, lr 1e-5, 1 epoch",
     "finetune-dpo-lora": "lmlab finetune --method dpo-lora: preference pairs on LoRA adapters, lr 5e-4, 1 epoch",
 }
+
+
+for _name, (_preset, _card) in GPU_RECIPES.items():
+    _rung = GPU_LADDER[_preset]
+    RECIPE_DESCRIPTIONS[_name] = (
+        f"{_preset} on one {_card}: {_rung['tokens_per_step']:,} tokens/step, "
+        f"{_rung['max_steps']:,} steps (20 tokens/param), lr {_rung['lr']:g}"
+    )
 
 
 def is_finetune_recipe(name: str) -> bool:

@@ -130,6 +130,7 @@ def measure(case: dict) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+@pytest.mark.posix
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 @pytest.mark.parametrize(
     "checkpointing",
@@ -197,6 +198,7 @@ _MEASURED: dict[str, int] = {}  # full-training runs are shared by the lora and 
 
 
 @pytest.mark.slow
+@pytest.mark.posix
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -12,7 +12,7 @@ from lmlab.model.build import build_model, flops_per_token, param_count
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
 
-BIG = {"gpt2-124m", "llama-1.36b", "gpt2-1.36b"}
+BIG = {"gpt2-124m", "llama-1.36b", "gpt2-1.36b", "llama-134m", "llama-374m"}
 
 
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))

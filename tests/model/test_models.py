@@ -16,8 +16,8 @@ from lmlab.model.build import build_model, flops_per_token, param_count
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
 
-CPU_PRESETS = ["ultra-tiny", "tiny", "small", "medium"]
-BIG_PRESETS = ["gpt2-124m", "llama-1.36b", "gpt2-1.36b"]
+CPU_PRESETS = ["ultra-tiny", "tiny", "small", "base", "medium"]
+BIG_PRESETS = ["gpt2-124m", "llama-1.36b", "gpt2-1.36b", "llama-134m", "llama-374m"]
 
 
 def tiny_config(family: str, **overrides) -> ModelConfig:

@@ -7,7 +7,14 @@ import argparse
 from lmlab.config import build_config, to_yaml
 from lmlab.model.build import flops_per_token, param_count
 from lmlab.model.presets import MODEL_PRESETS
-from lmlab.recipes import RECIPE_DESCRIPTIONS, RECIPES, is_finetune_recipe
+from lmlab.recipes import (
+    GPU_CARDS,
+    GPU_LADDER,
+    GPU_RECIPES,
+    RECIPE_DESCRIPTIONS,
+    RECIPES,
+    is_finetune_recipe,
+)
 
 
 def preset_table() -> str:
@@ -15,7 +22,8 @@ def preset_table() -> str:
     rows = [
         ("preset", "family", "layers x width", "heads", "context", "vocab", "params", "FLOPs/token")
     ]
-    for name in [*(r for r in RECIPES if not is_finetune_recipe(r)), *MODEL_PRESETS]:
+    own_rows = (r for r in RECIPES if not is_finetune_recipe(r) and r not in GPU_RECIPES)
+    for name in [*own_rows, *MODEL_PRESETS]:
         m = build_config(name).model
         rows.append(
             (
@@ -37,9 +45,42 @@ def preset_table() -> str:
         )
         for r in rows
     ]
-    lines += ["", "recipes:"] + [f"  {n}: {d}" for n, d in RECIPE_DESCRIPTIONS.items()]
+    lines += ["", "recipes:"] + [
+        f"  {n}: {d}" for n, d in RECIPE_DESCRIPTIONS.items() if n not in GPU_RECIPES
+    ]
     lines += ["", "Small presets' vocab (512) is replaced by the data's vocabulary when training."]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", gpu_ladder_table()])
+
+
+def gpu_ladder_table() -> str:
+    """The GPU recipes: micro-batch x accumulation per model size and card."""
+    rows = [("GPU recipes: PRESET-CARD", "tokens/step", "steps", "lr", *GPU_CARDS)]
+    for preset, rung in GPU_LADDER.items():
+        seqs = rung["tokens_per_step"] // build_config(preset).model.context_length
+        rows.append(
+            (
+                preset,
+                f"{rung['tokens_per_step']:,}",
+                f"{rung['max_steps']:,}",
+                f"{rung['lr']:g}",
+                *(f"{m} x {seqs // m}" for m in rung["micro"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    return "\n".join(
+        lines
+        + [
+            "(micro-batch x accumulation on one card; e.g. lmlab train --preset "
+            "llama-134m-rtx4090 --data DIR; lmlab plan --preset llama-134m-rtx4090 for its "
+            "memory, time and cost)"
+        ]
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -13,10 +13,12 @@ from lmlab.estimate.hardware import load_hardware
 from lmlab.estimate.plan import GIB, impossible_reason, llama_shape_for, make_plan
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
+from lmlab.recipes import GPU_RECIPES, RECIPES, is_finetune_recipe
 
 EXAMPLES = """\
 examples:
   lmlab plan --preset llama-1.36b --tokens 6e9 --hardware 4xH20
+  lmlab plan --preset llama-134m-rtx4090      # a GPU recipe: its card, micro-batch and tokens
   lmlab plan --preset gpt2-124m --budget-hours 2 --hardware a100-80gb
   lmlab plan --params 350e6 --budget-usd 500 --hardware 8xh100 --json
   lmlab plan --preset small --tokens 50e6 --hardware cpu-laptop --seq-len 256
@@ -36,13 +38,18 @@ def _number(text: str) -> float:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help=f"model preset: {', '.join(MODEL_PRESETS)}")
+    p.add_argument(
+        "--preset",
+        help=f"model preset ({', '.join(MODEL_PRESETS)}) or training recipe (`lmlab config "
+        "show`); a GPU recipe such as llama-134m-rtx4090 brings its card, micro-batch, "
+        "sequence length and tokens",
+    )
     p.add_argument("--params", type=_number, help="about N parameters (a LLaMA shape)")
     p.add_argument("--vocab-size", type=int, default=32000, help="with --params (32000)")
-    p.add_argument("--hardware", default="1xh100", help="e.g. h100, 4xH20 (default 1xh100)")
+    p.add_argument("--hardware", help="e.g. h100, 4xH20 (default 1xh100, or the recipe's card)")
     p.add_argument("--hardware-file", help="YAML with your own hardware and prices")
     p.add_argument("--mfu", type=float, default=0.4, help="fraction of peak reached (0.4)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU pass (8)")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU pass (8, or the recipe's)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (model context)")
     p.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     p.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none")
@@ -51,11 +58,37 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
+    """The model of --preset / --params. A training recipe also fills the options it
+    settles that were not given: its card, micro-batch and sequence length, and (GPU
+    recipes) its tokens, steps x tokens per step."""
     if (args.preset is None) == (args.params is None):
         raise UserError("give exactly one of --preset NAME or --params N")
-    if args.preset is not None:
-        return get_model_preset(args.preset)
-    return llama_shape_for(args.params, args.vocab_size, args.seq_len or 2048)
+    if args.preset in RECIPES and not is_finetune_recipe(args.preset):
+        from lmlab.config import build_config
+
+        cfg = build_config(args.preset)
+        if args.preset in GPU_RECIPES:
+            args.hardware = args.hardware or GPU_RECIPES[args.preset][1]
+            t = cfg.train
+            if getattr(args, "tokens", None) is None and not _budget_given(args):
+                args.tokens = float(t.max_steps * t.tokens_per_step)
+                args.tokens_source = (
+                    f"the recipe's {t.max_steps:,} steps x {t.tokens_per_step:,} tokens"
+                )
+        args.micro_batch = args.micro_batch or cfg.train.micro_batch_size
+        args.seq_len = args.seq_len or cfg.model.context_length
+        model = cfg.model
+    elif args.preset is not None:
+        model = get_model_preset(args.preset)
+    else:
+        model = llama_shape_for(args.params, args.vocab_size, args.seq_len or 2048)
+    args.hardware = args.hardware or "1xh100"
+    args.micro_batch = args.micro_batch or 8
+    return model
+
+
+def _budget_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("budget_hours", "budget_usd"))
 
 
 def _gib(n: float) -> str:
@@ -175,8 +208,9 @@ def _plan_main(argv: list[str]) -> int:
     budget.add_argument("--budget-hours", type=_number, help="wall-clock hours to spend")
     budget.add_argument("--budget-usd", type=_number, help="dollars to spend (example prices)")
     args = p.parse_args(argv)
+    model = _model(args)
     plan = make_plan(
-        _model(args),
+        model,
         tokens=args.tokens,
         budget_hours=args.budget_hours,
         budget_usd=args.budget_usd,
@@ -191,6 +225,8 @@ def _plan_main(argv: list[str]) -> int:
         method=args.method,
         lora_rank=args.lora_rank,
     )
+    if getattr(args, "tokens_source", None):
+        plan["tokens_source"] = args.tokens_source
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0 if plan["fits"] else 1
 
@@ -212,8 +248,9 @@ def _api_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.preset is None and args.params is None:
         args.preset = "gpt2-124m"
+    model = _model(args)
     result = api_comparison(
-        _model(args),
+        model,
         args.tokens_in,
         args.tokens_out,
         load_prices(args.prices),

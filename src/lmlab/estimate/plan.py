@@ -209,6 +209,34 @@ def make_plan(
     return plan
 
 
+def largest_micro_batch(
+    model_cfg: ModelConfig,
+    hardware: str,
+    seq_len: int | None = None,
+    limit: int = 64,
+    hardware_presets: dict[str, Hardware] | None = None,
+) -> int:
+    """The largest power-of-two micro-batch (up to `limit`) whose training memory fits one
+    device of `hardware` in its own precision, with DDP and no activation checkpointing
+    (0 if not even 1 fits). The GPU recipes' micro-batches are this function's answers."""
+    presets = load_hardware() if hardware_presets is None else hardware_presets
+    count, hw = parse_hardware_spec(hardware, presets)
+    settings = dict(
+        seq_len=model_cfg.context_length if seq_len is None else seq_len,
+        precision=hw.precision,
+        activation_checkpointing="none",
+        strategy="ddp",
+        count=count,
+    )
+    usable_bytes = hw.memory_gib * GIB * (1 - HEADROOM)
+    best, micro = 0, 1
+    while micro <= limit:
+        if _memory(model_cfg, {**settings, "micro_batch": micro}).total_bytes > usable_bytes:
+            break
+        best, micro = micro, micro * 2
+    return best
+
+
 def impossible_reason(plan: dict[str, Any]) -> str:
     """One line: how much memory the plan needs, how much there is, and what to change."""
     need = plan["memory_per_gpu"]["total_bytes"] / GIB

@@ -26,12 +26,31 @@ def _teaching(n_layer: int, n_head: int, d_model: int) -> ModelConfig:
     )
 
 
+def _gpu(n_layer: int, n_head: int, d_model: int) -> ModelConfig:
+    return ModelConfig(
+        family="llama",
+        vocab_size=32000,
+        context_length=1024,
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d_model,
+    )
+
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # LLaMA, vocab 512, context 256 (parameter counts at vocab 512)
     "ultra-tiny": _teaching(n_layer=2, n_head=4, d_model=48),  # 104,688 params
     "tiny": _teaching(n_layer=4, n_head=6, d_model=96),  # 541,536
     "small": _teaching(n_layer=6, n_head=6, d_model=192),  # 2,853,312
+    "base": _teaching(n_layer=6, n_head=8, d_model=256),  # 5,082,368
     "medium": _teaching(n_layer=8, n_head=5, d_model=320),  # 10,245,440
+    # The GPU ladder: LLaMA, vocab 32,000, context 1024, heads of 64. The two larger share
+    # GPT-2 small's and medium's shapes (untied embeddings make them larger than GPT-2's).
+    # Recipes per card: lmlab.recipes.GPU_RECIPES.
+    "llama-25m": _gpu(n_layer=10, n_head=4, d_model=256),  # 24,909,056
+    "llama-53m": _gpu(n_layer=6, n_head=8, d_model=512),  # 53,221,888
+    "llama-134m": _gpu(n_layer=12, n_head=12, d_model=768),  # 134,105,856
+    "llama-374m": _gpu(n_layer=24, n_head=16, d_model=1024),  # 373,867,520
     # The original GPT-2 small: 124,439,808 params (tied embeddings, position table included).
     "gpt2-124m": ModelConfig(
         family="gpt2",
