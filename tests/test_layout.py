@@ -32,6 +32,7 @@ ORDER = [
     "train",
     "export",
     "finetune",
+    "report",  # plots and HTML reports of runs; experiments draw their figures with it
     "experiments",
     "doctor",  # reads the machine and the runs folder; imported only by its command
     "commands",

@@ -39,7 +39,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _usual_mode(0o666))  # mkstemp's file is private (0600)
+        if hasattr(os, "fchmod"):  # Windows before Python 3.13 has none (and no modes)
+            os.fchmod(fd, _usual_mode(0o666))  # mkstemp's file is private (0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

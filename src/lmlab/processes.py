@@ -12,7 +12,7 @@ import signal
 import sys
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
+def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM)) -> None:
     """Call in the child (a pool initializer, or a Popen preexec_fn): get `sig` when the
     parent dies."""
     if not sys.platform.startswith("linux"):

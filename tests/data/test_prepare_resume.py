@@ -16,6 +16,8 @@ import pytest
 from lmlab.data.prepare import prepare
 from lmlab.errors import UserError
 
+pytestmark = pytest.mark.posix
+
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 

@@ -41,6 +41,7 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+@pytest.mark.posix
 def test_lock_states_live_stale_and_released(tmp_path: Path):
     assert lock_state(tmp_path) == "absent"
     proc = hold_lock_in_another_process(tmp_path)
@@ -122,6 +123,7 @@ def quiet(*args, **kwargs):
     pass
 
 
+@pytest.mark.posix
 def test_trainer_records_status_and_refuses_a_run_that_is_training(
     flowroll_data: Path, tmp_path: Path
 ):
@@ -166,6 +168,7 @@ def test_a_failing_run_is_recorded_as_failed(flowroll_data: Path, tmp_path: Path
     assert lock_state(run) == "absent"
 
 
+@pytest.mark.posix
 def test_lock_wait_is_short(tmp_path: Path):
     proc = hold_lock_in_another_process(tmp_path)
     try:

@@ -382,6 +382,7 @@ HOLD_LOCK = (
 )
 
 
+@pytest.mark.posix
 def test_a_live_trainer_is_running_and_a_killed_one_failed(runs: Path, capsys):
     run = runs / "tiny" / "20260102-000000"
     proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)])

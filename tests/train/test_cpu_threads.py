@@ -28,6 +28,7 @@ def test_auto_threads_leaves_the_busy_cores():
     assert "other programs keep 1.0 of 2 cores busy" in cpu.describe(1, 2, 1.0)
 
 
+@pytest.mark.posix
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 def test_busy_cores_sees_a_busy_process():
     quiet = cpu.busy_cores(0.3)

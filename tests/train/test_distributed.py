@@ -119,6 +119,7 @@ def assert_matches(run: Path, reference: Path, steps: slice = slice(None)) -> No
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.posix
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy, checkpointing, family",
@@ -153,6 +154,7 @@ def test_two_processes_match_one(
     assert_matches(only_run(tmp_path), references(family))
 
 
+@pytest.mark.posix
 @pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one(
     flowroll_data: Path, reference: Path, tmp_path: Path
@@ -178,6 +180,7 @@ def test_two_process_checkpoint_resumes_in_one(
     assert_matches(run, reference)
 
 
+@pytest.mark.posix
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_in_two(
     flowroll_data: Path, reference: Path, tmp_path: Path
@@ -218,6 +221,7 @@ def _local_rank(pid: int) -> str | None:
     return None
 
 
+@pytest.mark.posix
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds workers through /proc")
 def test_a_killed_rank_stops_the_job_and_keeps_the_checkpoint(flowroll_data: Path, tmp_path: Path):
@@ -265,6 +269,7 @@ def test_a_killed_rank_stops_the_job_and_keeps_the_checkpoint(flowroll_data: Pat
     assert result.state.step == step + 2
 
 
+@pytest.mark.posix
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint(
@@ -314,6 +319,7 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint(
     assert train(cfg, resume=run, log=quiet).state.step == step + 1
 
 
+@pytest.mark.posix
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_killing_the_launcher_stops_its_workers(flowroll_data: Path, tmp_path: Path):

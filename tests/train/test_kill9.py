@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from lmlab.runs.checkpoint import list_checkpoints
 from lmlab.runs.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.posix]
 
 SETTINGS = [
     "--preset",

@@ -17,6 +17,8 @@ from lmlab.runs.folder import find_runs
 from lmlab.runs.status import run_status
 from lmlab.train.loop import train
 
+pytestmark = pytest.mark.posix
+
 SETTINGS = [
     "model.context_length=32",
     "train.micro_batch_size=4",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.posix]
 
 
 def test_ctrl_c_during_start_up_never_gives_a_traceback(flowroll_data: Path, tmp_path: Path):

@@ -89,15 +89,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
+def peak_memory(device: torch.device) -> tuple[int | None, str]:
     """(bytes, what was measured): the most memory this process has held on `device` so far.
 
     On CUDA, torch's peak allocation; elsewhere the process's peak resident set, which also
-    counts the interpreter and torch's libraries (a few hundred MB).
+    counts the interpreter and torch's libraries (a few hundred MB); None on Windows.
     """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    import resource
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "not measured on this system"
     import sys
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux

@@ -104,7 +104,8 @@ class RunLock:
         self._fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now()}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)  # (os.pwrite would do both; Windows has none)
+        os.write(fd, (json.dumps(info) + "\n").encode())
         return self
 
     def _locked_error(self) -> RunLockedError:

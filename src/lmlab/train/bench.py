@@ -115,7 +115,8 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
     peak = peak_flops(torch_device)
     peak_bytes, measure = peak_memory(torch_device)
     after_steps_bytes = current_memory(torch_device)  # steady state, without set-up's peak
-    peak_bytes = runtime.max_across_ranks(peak_bytes, env, torch_device)
+    if peak_bytes is not None:
+        peak_bytes = runtime.max_across_ranks(peak_bytes, env, torch_device)
     if not env.is_main:
         return None
     return {

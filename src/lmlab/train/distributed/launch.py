@@ -89,6 +89,11 @@ def launch(
     Ctrl-C stops everything at once. On Linux, torchrun is also stopped if the launcher
     itself is killed. `device` and `force` as `check_nproc` takes them."""
     check_nproc(nproc, device, force)
+    if os.name != "posix":
+        raise UserError(
+            "--nproc needs Linux or macOS (process groups and signals); on Windows use WSL2, "
+            "or start torchrun yourself (docs/windows.md)"
+        )
     if under_torchrun():
         raise UserError("--nproc starts torchrun itself: drop it when running under torchrun")
     with tempfile.TemporaryDirectory(prefix="lmlab-launch-") as tmp:
