@@ -1,0 +1,58 @@
+"""`lmlab experiment`: run a teaching experiment that ends in plots and a README."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmlab.errors import UserError
+from lmlab.experiments.common import EXPERIMENTS, run_experiment
+
+
+def _parse_overrides(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"expected KEY=VALUE, got {item!r} (e.g. steps=300)")
+        overrides[key] = value
+    return overrides
+
+
+def main(argv: list[str]) -> int:
+    names = "\n".join(f"  {name.ljust(14)} {text}" for name, (_, text) in EXPERIMENTS.items())
+    parser = argparse.ArgumentParser(
+        prog="lmlab experiment",
+        description="Run a teaching experiment on the CPU. It ends in a folder with "
+        "results.json, PNG plots and a README.md that explains the lesson with the numbers "
+        "this run measured.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""experiments:
+{names}
+
+examples:
+  lmlab experiment list
+  lmlab experiment overfit --quick              # about a minute: the lesson in small
+  lmlab experiment overfit                      # the full run (minutes); experiments/overfit/
+  lmlab experiment overfit --out /tmp/of steps=300 preset=tiny
+
+In Python: lmlab.run_experiment("overfit", quick=True, steps=300) returns the same results.""",
+    )
+    parser.add_argument("name", help="an experiment (see below), or `list`")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="experiment options")
+    parser.add_argument("--out", help="results folder (default experiments/NAME[-quick])")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small version: a few minutes at most, for CI"
+    )
+    args = parser.parse_args(argv)
+    if args.name == "list":
+        print(names)
+        return 0
+    result = run_experiment(
+        args.name,
+        args.out,
+        quick=args.quick,
+        log=print,
+        **_parse_overrides(args.overrides),
+    )
+    print(f"done in {result.seconds:.0f} s: {result.readme} ({len(result.plots)} plots)")
+    return 0
