@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lmlab.errors import UserError
 from lmlab.experiments.common import EXPERIMENTS, run_experiment
@@ -43,7 +44,7 @@ In Python: lmlab.run_experiment("overfit", quick=True, steps=300) returns the sa
     parser.add_argument(
         "--quick", action="store_true", help="a small version: a few minutes at most, for CI"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.name == "list":
         print(names)
         return 0
@@ -52,6 +53,7 @@ In Python: lmlab.run_experiment("overfit", quick=True, steps=300) returns the sa
         args.out,
         quick=args.quick,
         log=print,
+        live=sys.stdout.isatty(),
         **_parse_overrides(args.overrides),
     )
     print(f"done in {result.seconds:.0f} s: {result.readme} ({len(result.plots)} plots)")

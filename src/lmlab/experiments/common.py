@@ -61,6 +61,8 @@ class Context:
     quick: bool
     overrides: dict[str, Any]
     log: Callable[..., None]
+    live: bool = False
+    """Redraw each training run's progress line in place (a terminal)."""
     plots: list[Path] = field(default_factory=list)
     paragraphs: list[str] = field(default_factory=list)
 
@@ -137,7 +139,11 @@ class Context:
         )
         self.log(f"  training {label}: {preset}, {cfg.train.max_steps} steps")
         started = time.perf_counter()
-        result = train(cfg, log=lambda *a, **k: None)
+        result = train(
+            cfg, log=self._progress if self.live else lambda *a, **k: None, live=self.live
+        )
+        if self.live:
+            print("\r" + " " * 100 + "\r", end="", flush=True)  # the finished line goes
         return {
             "run_dir": result.run_dir,
             "history": result.history,
@@ -176,6 +182,12 @@ class Context:
         self.plots.append(path)
         return path
 
+    @staticmethod
+    def _progress(message: str, end: str = "\n") -> None:
+        """Only the training loop's redrawn step line (the others would scroll)."""
+        if message.startswith("\r"):
+            print(message, end="", flush=True)
+
     def lesson(self, text: str) -> None:
         """A paragraph of the README; write it from the numbers this run measured."""
         self.paragraphs.append(text.strip())
@@ -197,6 +209,7 @@ def run_experiment(
     *,
     quick: bool = False,
     log: Callable[..., None] = print,
+    live: bool = False,
     **overrides: Any,
 ) -> ExperimentResult:
     """Run a teaching experiment; writes OUT/results.json, OUT/README.md and the plots
@@ -213,7 +226,7 @@ def run_experiment(
         Path(out) if out is not None else Path("experiments") / (name + ("-quick" if quick else ""))
     )
     folder.mkdir(parents=True, exist_ok=True)
-    ctx = Context(name, folder, quick, dict(overrides), log)
+    ctx = Context(name, folder, quick, dict(overrides), log, live)
     started = time.perf_counter()
     results = module.run(ctx)
     seconds = time.perf_counter() - started
