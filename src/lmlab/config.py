@@ -42,8 +42,10 @@ TrainingDType = Literal["fp32", "bf16", "fp16"]
 TRAINING_DTYPES: tuple[str, ...] = get_args(TrainingDType)
 Precision = Literal["auto", TrainingDType]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-Schedule = Literal["cosine", "linear", "constant"]
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+OptimizerName = Literal["adamw", "muon"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 FinetuneMethod = Literal["full", "lora", "qlora"]
 FINETUNE_METHODS: tuple[str, ...] = get_args(FinetuneMethod)
 Objective = Literal["sft", "dpo"]
@@ -93,7 +95,18 @@ class TrainConfig:
     warmup_fraction: float = 0.0
     """> 0: warmup_steps is this fraction of max_steps instead (e.g. 0.05)."""
     schedule: Schedule = "cosine"
-    """Decay after warmup."""
+    """Decay after warmup. wsd (warmup-stable-decay): constant at lr, then a linear decay to
+    the floor over the last decay_fraction of max_steps; a run can be extended (a larger
+    max_steps) before its decay began without a jump in the learning rate."""
+    decay_fraction: float = 0.2
+    """schedule=wsd: the share of max_steps spent decaying at the end."""
+    optimizer: OptimizerName = "adamw"
+    """adamw; or muon: Muon (momentum orthogonalised by Newton-Schulz, torch.optim.Muon) for
+    the 2-D weights inside the blocks, AdamW for embeddings, the output head, norms and
+    biases. Muon's step is scaled to AdamW's update size (match_rms_adamw), so train.lr and
+    train.weight_decay mean the same for both. One process or ddp."""
+    muon_momentum: float = 0.95
+    """optimizer=muon: Muon's (Nesterov) momentum."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not to norms, biases or embeddings)."""
     beta1: float = 0.9
@@ -321,6 +334,15 @@ class Config:
                 raise UserError(f"train.{name} must be at least 1, got {getattr(t, name)}")
         if t.spike_zscore < 0:
             raise UserError(f"train.spike_zscore must be >= 0 (0: off), got {t.spike_zscore}")
+        if not 0.0 < t.decay_fraction <= 1.0:
+            raise UserError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+        if not 0.0 <= t.muon_momentum < 1.0:
+            raise UserError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
+        if t.optimizer == "muon" and t.strategy != "ddp":
+            raise UserError(
+                f"train.optimizer=muon works with train.strategy=ddp (or one process), not "
+                f"{t.strategy}: Muon orthogonalises whole matrices, which {t.strategy} shards"
+            )
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         for name in ("beta1", "beta2"):

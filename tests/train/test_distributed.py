@@ -84,22 +84,23 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.
 @pytest.fixture(scope="module")
 def references(flowroll_data: Path, tmp_path_factory):
     """The one-process run (per model family) every multi-process run must reproduce."""
-    done: dict[str, Path] = {}
+    done: dict[tuple[str, str], Path] = {}
 
-    def get(family: str = "llama") -> Path:
-        if family not in done:
-            runs = tmp_path_factory.mktemp(f"reference-{family}")
+    def get(family: str = "llama", optimizer: str = "adamw") -> Path:
+        if (family, optimizer) not in done:
+            runs = tmp_path_factory.mktemp(f"reference-{family}-{optimizer}")
             cfg = build_config(
                 "ultra-tiny",
                 overrides=[
                     f"data.path={flowroll_data}",
                     f"logging.runs_dir={runs}",
                     f"model.family={family}",
+                    f"train.optimizer={optimizer}",
                     *COMMON,
                 ],
             )
-            done[family] = train(cfg, log=quiet).run_dir
-        return done[family]
+            done[family, optimizer] = train(cfg, log=quiet).run_dir
+        return done[family, optimizer]
 
     return get
 
@@ -109,29 +110,32 @@ def reference(references) -> Path:
     return references("llama")
 
 
-def assert_matches(run: Path, reference: Path, steps: slice = slice(None)) -> None:
+def assert_matches(
+    run: Path, reference: Path, steps: slice = slice(None), weights_atol: float = 1e-4
+) -> None:
     got, want = losses(run), losses(reference)[steps]
     assert len(got) == len(want)
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     mine, theirs = final_weights(run), final_weights(reference)
     assert mine.keys() == theirs.keys()
     for name in mine:
-        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-3, atol=weights_atol, msg=name)
 
 
 @pytest.mark.posix
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "strategy, checkpointing, family",
+    "strategy, checkpointing, family, optimizer",
     [
-        ("ddp", "none", "llama"),
-        ("zero1", "selective", "llama"),
-        ("fsdp", "full", "llama"),
-        ("fsdp", "none", "gpt2"),  # tied embedding and head, sharded
+        ("ddp", "none", "llama", "adamw"),
+        ("zero1", "selective", "llama", "adamw"),
+        ("fsdp", "full", "llama", "adamw"),
+        ("fsdp", "none", "gpt2", "adamw"),  # tied embedding and head, sharded
+        ("ddp", "none", "llama", "muon"),
     ],
 )
 def test_two_processes_match_one(
-    strategy, checkpointing, family, flowroll_data: Path, references, tmp_path: Path
+    strategy, checkpointing, family, optimizer, flowroll_data: Path, references, tmp_path: Path
 ):
     done = torchrun(
         [
@@ -145,13 +149,17 @@ def test_two_processes_match_one(
             f"train.strategy={strategy}",
             f"train.activation_checkpointing={checkpointing}",
             f"model.family={family}",
+            f"train.optimizer={optimizer}",
         ]
     )
     summary = next(line for line in done.stdout.splitlines() if line.startswith("model "))
     assert "4 seq x 2 accum x 2 proc = 16 seq x 32 tokens = 512 tokens/step" in summary
     assert strategy in summary
     assert done.stdout.count("run folder:") == 1  # rank 0 speaks for the job
-    assert_matches(only_run(tmp_path), references(family))
+    # Muon orthogonalises in bf16, which turns the all-reduce's last-bit differences into
+    # ~4e-4 in the weights after 20 steps (measured); the losses still agree to 1e-4.
+    atol = 2e-3 if optimizer == "muon" else 1e-4
+    assert_matches(only_run(tmp_path), references(family, optimizer), weights_atol=atol)
 
 
 @pytest.mark.posix

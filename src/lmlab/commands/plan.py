@@ -6,7 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from lmlab.config import ACTIVATION_CHECKPOINTING, FINETUNE_METHODS, STRATEGIES, TRAINING_DTYPES
+from lmlab.config import (
+    ACTIVATION_CHECKPOINTING,
+    FINETUNE_METHODS,
+    OPTIMIZERS,
+    STRATEGIES,
+    TRAINING_DTYPES,
+)
 from lmlab.errors import UserError
 from lmlab.estimate.api import api_comparison, load_prices
 from lmlab.estimate.hardware import load_hardware
@@ -142,7 +148,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("memory per GPU", ""),
         (f"  weights ({weights_kind})", _gib(mem["weights_bytes"])),
         ("  gradients (fp32)", _gib(mem["gradients_bytes"])),
-        ("  AdamW state", _gib(mem["optimizer_bytes"])),
+        (
+            "  Muon + AdamW state" if s.get("optimizer") == "muon" else "  AdamW state",
+            _gib(mem["optimizer_bytes"]),
+        ),
         ("  activations", _gib(mem["activations_bytes"])),
         ("  logits / loss", _gib(mem["logits_bytes"])),
     ]
@@ -203,6 +212,12 @@ def _plan_main(argv: list[str]) -> int:
         "4-bit NF4 base (qlora); adapters on every projection",
     )
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank for lora/qlora (8)")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw (2 fp32 moments per weight) or muon (1 for the blocks' matrices)",
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=_number, help="training tokens (default 20 x params)")
     budget.add_argument("--budget-hours", type=_number, help="wall-clock hours to spend")
@@ -224,6 +239,7 @@ def _plan_main(argv: list[str]) -> int:
         hardware_presets=load_hardware(args.hardware_file),
         method=args.method,
         lora_rank=args.lora_rank,
+        optimizer=args.optimizer,
     )
     if getattr(args, "tokens_source", None):
         plan["tokens_source"] = args.tokens_source

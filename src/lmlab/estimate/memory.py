@@ -65,7 +65,13 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
-from lmlab.config import ACTIVATION_CHECKPOINTING, FINETUNE_METHODS, STRATEGIES, TRAINING_DTYPES
+from lmlab.config import (
+    ACTIVATION_CHECKPOINTING,
+    FINETUNE_METHODS,
+    OPTIMIZERS,
+    STRATEGIES,
+    TRAINING_DTYPES,
+)
 from lmlab.errors import UserError
 from lmlab.model.build import build_model, param_count
 from lmlab.model.config import ModelConfig
@@ -75,6 +81,7 @@ from lmlab.model.quant import BLOCK_SIZE
 WEIGHT_BYTES = 4  # fp32 parameters (autocast computes in bf16/fp16 from fp32 weights)
 GRAD_BYTES = 4  # gradients have the parameters' dtype
 ADAM_BYTES = 8  # AdamW's exp_avg and exp_avg_sq, fp32
+MUON_BYTES = 4  # Muon's momentum buffer, fp32
 LOGIT_BYTES = 12  # fp32 log-softmax saved + its gradient in + gradient out
 ABSMAX_BYTES = 4  # NF4: one fp32 scale per BLOCK_SIZE weights
 
@@ -257,12 +264,18 @@ def training_memory(
     world_size: int = 1,
     method: str = "full",
     lora_rank: int = 8,
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
-    """Peak training memory of one GPU (one micro-batch, AdamW, fp32 parameters).
+    """Peak training memory of one GPU (one micro-batch, fp32 parameters).
 
     method: "full", "lora" or "qlora" (adapters of rank `lora_rank` on every projection).
+    optimizer: "adamw" (two fp32 moments per trained parameter) or "muon" (full training:
+    one fp32 momentum buffer for each weight of the blocks' linears, AdamW's two moments
+    for the rest, as lmlab.train.optim.MuonAdamW keeps them).
     """
     _check_method(method, lora_rank)
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if precision not in TRAINING_DTYPES:
@@ -274,7 +287,11 @@ def training_memory(
     n_trainable = trainable_params(cfg, method, lora_rank)
     weights = weight_bytes(cfg, method, lora_rank)
     grads = n_trainable * GRAD_BYTES
-    optimizer = n_trainable * ADAM_BYTES
+    optimizer_bytes = n_trainable * ADAM_BYTES
+    if optimizer == "muon" and method == "full":
+        matrices = sum(n_in * n_out for n_in, n_out in adapted_linears(cfg))
+        optimizer_bytes -= matrices * (ADAM_BYTES - MUON_BYTES)
+    optimizer = optimizer_bytes
     gathered = 0
     if strategy in ("zero1", "fsdp"):
         optimizer = -(-optimizer // world_size)

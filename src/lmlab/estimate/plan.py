@@ -35,6 +35,7 @@ def _memory(cfg: ModelConfig, s: dict[str, Any]):
         s["count"],
         s.get("method", "full"),
         s.get("lora_rank", 8),
+        s.get("optimizer", "adamw"),
     )
 
 
@@ -95,6 +96,7 @@ def make_plan(
     hardware_presets: dict[str, Hardware] | None = None,
     method: str = "full",
     lora_rank: int = 8,
+    optimizer: str = "adamw",
 ) -> dict[str, Any]:
     """A plain dict (JSON-ready) describing the run; see docs/planning.md.
 
@@ -156,6 +158,7 @@ def make_plan(
         hardware=hw.name,
         method=method,
         lora_rank=lora_rank,
+        optimizer=optimizer,
     )
     memory = _memory(model_cfg, settings)
     available_bytes = hw.memory_gib * GIB

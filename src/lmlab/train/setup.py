@@ -139,10 +139,13 @@ def train_step(
     bad = ~torch.isfinite(loss_sum)
     if e.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients itself
         norm = None
+        optimizers = getattr(e.optimizer, "optimizers", [e.optimizer])  # Muon + AdamW: both
         if grad_clip > 0:
-            e.scaler.unscale_(e.optimizer)
+            for opt in optimizers:
+                e.scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(e.model.parameters(), grad_clip, foreach=True)
-        e.scaler.step(e.optimizer)
+        for opt in optimizers:
+            e.scaler.step(opt)
         e.scaler.update()
     else:
         norm = _grad_norm(e.model, grad_clip)

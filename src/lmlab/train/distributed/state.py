@@ -54,6 +54,12 @@ def _clean(name: str) -> str:
     return name
 
 
+def _torch_optimizers(optimizer: Any) -> Any:
+    """What torch's state-dict helpers take: the optimizer, or the list a combined one
+    (train.optim.MuonAdamW) holds."""
+    return getattr(optimizer, "optimizers", optimizer)
+
+
 def _param_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Names of the optimizer's parameters in its own (integer index) order."""
     names = {id(p): _clean(n) for n, p in model.named_parameters()}
@@ -91,7 +97,7 @@ def full_optimizer_state(
             if env.is_main
             else None
         )
-    return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+    return get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=_GATHER)
 
 
 def load_optimizer_state(
@@ -110,7 +116,10 @@ def load_optimizer_state(
         optimizer.load_state_dict(_by_index(state, order))
     else:
         set_optimizer_state_dict(
-            model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+            model,
+            _torch_optimizers(optimizer),
+            state,
+            options=StateDictOptions(full_state_dict=True),
         )
     for group, impl in zip(optimizer.param_groups, implementation, strict=True):
         group.update(impl)
