@@ -60,7 +60,9 @@ from lmlab.processes import die_with_parent
 PROGRESS_NAME = "progress.json"
 HASHES_PART = "doc_hashes.part"
 PROGRESS_EVERY_S = 1.0
-BATCH_CHARS = 1 << 20
+# Small enough that the last batches keep every worker busy to the end (the tail is where a
+# pool loses to one multi-threaded encode_batch call), large enough to amortise the IPC.
+BATCH_CHARS = 1 << 18
 # Very long documents are encoded in pieces so the parallel encoder has work for every core.
 PIECE_CHARS = 1 << 16
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -185,15 +187,17 @@ def _encode_batch(
     doc_tokens: dict[str, Iterator[int]] = {}
     for split in ("train", "val"):
         encodings = _worker_tokenizer.encode_batch_fast(pieces[split], add_special_tokens=False)
+        ids = [e.ids for e in encodings]  # each .ids builds a new list: read it once
         chained = itertools.chain.from_iterable(
-            itertools.chain(e.ids, eot) if end else e.ids
-            for e, end in zip(encodings, ends_doc[split], strict=True)
+            itertools.chain(i, eot) if end else i
+            for i, end in zip(ids, ends_doc[split], strict=True)
         )
-        tokens[split] = np.fromiter(chained, dtype=dtype)
+        count = sum(map(len, ids)) + documents[split]  # known size: one allocation
+        tokens[split] = np.fromiter(chained, dtype=dtype, count=count)
         if per_doc:
             counts, n = [], 0
-            for e, end in zip(encodings, ends_doc[split], strict=True):
-                n += len(e.ids)
+            for i, end in zip(ids, ends_doc[split], strict=True):
+                n += len(i)
                 if end:
                     counts.append(n + 1)  # with its end-of-document token
                     n = 0
