@@ -7,11 +7,15 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from lmlab.model import gpt2, llama
+from lmlab.model import gpt2, llama, moe
 from lmlab.model.config import ModelConfig
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"gpt2": gpt2.GPT2, "llama": llama.Llama}
-_FAMILY_MODULES = {"gpt2": gpt2, "llama": llama}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "gpt2": gpt2.GPT2,
+    "llama": llama.Llama,
+    "moe": moe.MoE,
+}
+_FAMILY_MODULES = {"gpt2": gpt2, "llama": llama, "moe": moe}
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
@@ -28,6 +32,15 @@ def param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
     """Closed-form `num_params(exclude_embeddings)` of the model cfg describes."""
     cfg.validate()
     return _FAMILY_MODULES[cfg.family].param_count(cfg, exclude_embeddings)
+
+
+def active_param_count(cfg: ModelConfig, exclude_embeddings: bool = False) -> int:
+    """Parameters one token's forward pass reads: all of them, except in a mixture of
+    experts, where a token skips the experts it is not routed to."""
+    if cfg.family == "moe":
+        cfg.validate()
+        return moe.active_param_count(cfg, exclude_embeddings)
+    return param_count(cfg, exclude_embeddings)
 
 
 def flops_per_token(cfg: ModelConfig, context_length: int | None = None) -> int:

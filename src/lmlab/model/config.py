@@ -17,7 +17,7 @@ from typing import Any, Literal
 from lmlab.errors import UserError
 from lmlab.typed_dict import from_dict
 
-Family = Literal["gpt2", "llama"]
+Family = Literal["gpt2", "llama", "moe"]
 FAMILIES: tuple[str, ...] = typing.get_args(Family)
 
 
@@ -36,7 +36,8 @@ class ModelConfig:
     """Architecture of one model: which family, and its sizes."""
 
     family: Family
-    """"gpt2" (learned positions, LayerNorm, GELU) or "llama" (RoPE, RMSNorm, SwiGLU, GQA)."""
+    """"gpt2" (learned positions, LayerNorm, GELU), "llama" (RoPE, RMSNorm, SwiGLU, GQA) or
+    "moe" (LLaMA whose MLPs are sparse mixtures of SwiGLU experts, as Mixtral)."""
     vocab_size: int
     """Number of token ids the embedding and the output layer cover."""
     context_length: int
@@ -50,7 +51,8 @@ class ModelConfig:
     n_kv_head: int | None = None
     """Number of key/value heads (None -> n_head). Fewer than n_head is grouped-query attention."""
     d_ff: int | None = None
-    """MLP hidden size (None -> gpt2: 4*d_model; llama: 8/3*d_model rounded up to ffn_multiple_of)."""
+    """MLP hidden size (None -> gpt2: 4*d_model; llama: 8/3*d_model rounded up to ffn_multiple_of).
+    For moe, the hidden size of each expert."""
     ffn_multiple_of: int = 256
     """LLaMA rounds its default d_ff up to a multiple of this."""
     norm_eps: float = 1e-5
@@ -65,6 +67,14 @@ class ModelConfig:
     """Share the token embedding with the output layer (None -> gpt2: True, llama: False)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init; residual projections get /sqrt(2*n_layer)."""
+    n_expert: int = 8
+    """moe only: experts in each MoE layer."""
+    n_expert_per_token: int = 2
+    """moe only: experts each token is routed to (top-k); their weights renormalised to sum to 1."""
+    router_aux_loss_coef: float = 0.01
+    """moe only: weight of the load-balancing loss added to the training loss (Switch: 0.01)."""
+    router_z_loss_coef: float = 0.0
+    """moe only: weight of the router z-loss added to the training loss (ST-MoE: 0.001; 0 = off)."""
 
     def __post_init__(self) -> None:
         # Resolve family defaults now and store them, so the config round-trips unchanged.
@@ -129,11 +139,30 @@ class ModelConfig:
                 f"GPT-2 has no grouped-query attention: set n_kv_head={self.n_head} "
                 "(= n_head) or use family 'llama'"
             )
-        if self.family == "llama" and self.head_dim % 2:
+        if self.family == "moe":
+            self._validate_moe()
+        if self.family in ("llama", "moe") and self.head_dim % 2:
             raise UserError(
                 f"head_dim={self.head_dim} (d_model / n_head) is odd, but RoPE rotates pairs "
                 "of dimensions; choose d_model and n_head so head_dim is even"
             )
+
+    def _validate_moe(self) -> None:
+        for name in ("n_expert", "n_expert_per_token"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_expert_per_token > self.n_expert:
+            raise UserError(
+                f"n_expert_per_token={self.n_expert_per_token} is more than n_expert="
+                f"{self.n_expert}: a token cannot be routed to more experts than there are"
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UserError(f"{name} must be a number >= 0, got {value!r}")
+        if self.bias:
+            raise UserError("family 'moe' has no biases (as Mixtral): set bias=false")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (resolved values), ready for YAML or JSON."""
