@@ -30,6 +30,30 @@ from lmlab.fileio import atomic_write_text
 # name -> (module in lmlab.experiments, one line: the lesson it teaches)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "overfit": ("overfit", "the same model on 1%, 10% and 100% of a corpus: the train/val gap"),
+    "lora-vs-full": (
+        "lora_vs_full",
+        "fine-tuning with LoRA vs every weight: trainable parameters, memory, speed, accuracy",
+    ),
+    "context-length": (
+        "context_length",
+        "one model at contexts from 1 to 256 characters, same tokens seen: loss vs. speed",
+    ),
+    "gpt2-vs-llama": (
+        "gpt2_vs_llama",
+        "GPT-2 vs. LLaMA at the same size on the same data: which learns faster, beyond noise",
+    ),
+    "copy-task": (
+        "copy_task",
+        "a small LLaMA learns to copy random strings: exact-match accuracy vs. step",
+    ),
+    "data-scaling": (
+        "data_scaling",
+        "the same model on growing shares of a corpus: val loss vs. tokens, best loss vs. data",
+    ),
+    "model-scaling": (
+        "model_scaling",
+        "4-5 model sizes at a fixed token budget: a power law L(N) fitted with its interval",
+    ),
 }
 
 QUIET = ["logging.tensorboard=false", "train.device=cpu", "checkpoint.interval=0"]

@@ -39,9 +39,13 @@ def run_workshop(
     programs: int = 8000,
     test_programs: int = 100,
     seed: int = 0,
+    lora_rank: int = 16,
+    eval_interval: int = 100,
     log=print,
 ) -> dict:
-    """Run the workshop; returns the numbers it printed."""
+    """Run the workshop; returns the numbers it printed (each fine-tune's `run_dir` holds
+    its metrics). lora_rank: of the LoRA adapters; eval_interval: fine-tuning steps between
+    two validations."""
     started = time.perf_counter()
     out = Path(out_dir)
     runs = out / "runs"
@@ -79,12 +83,12 @@ def run_workshop(
                 f"train.max_steps={finetune_steps}",
                 f"train.lr={lr}",
                 "train.micro_batch_size=32",
-                "eval.interval=100",
+                f"eval.interval={eval_interval}",
                 "checkpoint.interval=0",
-                "finetune.lora_rank=16",
+                f"finetune.lora_rank={lora_rank}",
             ],
         )
-        results[method] = {**_costs(run), **_score(run, test), "run_dir": str(run)}
+        results[method] = {**run_costs(run), **_score(run, test), "run_dir": str(run)}
 
     summary = {"exact_match_base": before["exact_match"], **{m: r for m, r in results.items()}}
     summary["elapsed_s"] = time.perf_counter() - started
@@ -150,7 +154,7 @@ def _score(run: Path, programs: list[str]) -> dict:
     }
 
 
-def _costs(run: Path) -> dict:
+def run_costs(run: Path) -> dict:
     """Trainable parameters, median step time, peak memory and final val loss of a run."""
     history = read_metrics(run)
     steps = [r for r in history if "step_time_s" in r]
