@@ -114,6 +114,20 @@ CASES = {
         micro_batch=4,
         seq_len=256,
     ),
+    "moe": dict(
+        model=dict(
+            family="moe",
+            vocab_size=2048,
+            context_length=128,
+            n_layer=4,
+            n_head=4,
+            d_model=256,
+            d_ff=256,
+            n_expert=8,
+        ),
+        micro_batch=8,
+        seq_len=128,
+    ),
 }
 
 

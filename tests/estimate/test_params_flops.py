@@ -12,7 +12,7 @@ from lmlab.model.build import build_model, flops_per_token, param_count
 from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
 
-BIG = {"gpt2-124m", "llama-1.36b", "gpt2-1.36b", "llama-134m", "llama-374m"}
+BIG = {"gpt2-124m", "llama-1.36b", "gpt2-1.36b", "llama-134m", "llama-374m", "moe-1b"}
 
 
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))
@@ -54,3 +54,27 @@ def test_plan_reads_the_models_own_counts_for_random_configs(family):
         assert plan["params"] == model.num_params()
         assert plan["non_embedding_params"] == model.num_params(exclude_embeddings=True)
         assert plan["flops_per_token"] == model.flops_per_token()
+
+
+def test_plan_reads_a_mixture_of_experts_own_total_and_active_counts():
+    rng = random.Random(17)
+    for _ in range(20):
+        n_expert = rng.randint(1, 16)
+        cfg = ModelConfig(
+            family="moe",
+            vocab_size=rng.randint(5, 300),
+            context_length=rng.randint(1, 64),
+            n_layer=rng.randint(1, 3),
+            n_head=2,
+            d_model=4 * rng.randint(1, 8),
+            d_ff=rng.randint(1, 64),
+            n_expert=n_expert,
+            n_expert_per_token=rng.randint(1, n_expert),
+            tie_embeddings=rng.choice([True, False]),
+        )
+        model = build_model(cfg, device="meta")
+        plan = make_plan(cfg, tokens=1e6, hardware="h100", micro_batch=1)
+        assert plan["params"] == model.num_params()
+        assert plan["active_params"] == model.num_active_params()
+        assert plan["flops_per_token"] == model.flops_per_token()
+        assert plan["memory_per_gpu"]["weights_bytes"] == 4 * model.num_params()

@@ -174,3 +174,16 @@ def test_suggestions_keep_the_method():
     flags = plan["suggestions"][0].split(" (")[0].split()
     fixed = make_plan(cfg, tokens=1e8, hardware="rtx4090", method="lora", micro_batch=int(flags[1]))
     assert fixed["fits"]
+
+
+def test_plan_of_a_mixture_of_experts_shows_total_and_active_parameters(capsys):
+    assert main(["--preset", "moe-1b", "--hardware", "8xh100", "--tokens", "2e10"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters            1,005,650,944 (972,882,944 non-embedding)" in out
+    assert "active parameters     301,007,872 per token (29.9%: 2 of 16 experts" in out
+    assert "fits to dense models" in out
+    plan = make_plan(get_model_preset("moe-1b"), tokens=2e10, hardware="8xh100")
+    # time is counted on active FLOPs: about a third of a dense model of the same total size
+    dense = make_plan(get_model_preset("llama-1.36b"), tokens=2e10, hardware="8xh100")
+    assert plan["flops_per_token"] < 0.5 * dense["flops_per_token"]
+    assert plan["memory_per_gpu"]["weights_bytes"] == 4 * plan["params"]

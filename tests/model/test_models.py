@@ -17,7 +17,7 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.presets import MODEL_PRESETS, get_model_preset
 
 CPU_PRESETS = ["ultra-tiny", "tiny", "small", "base", "medium"]
-BIG_PRESETS = ["gpt2-124m", "llama-1.36b", "gpt2-1.36b", "llama-134m", "llama-374m"]
+BIG_PRESETS = ["gpt2-124m", "llama-1.36b", "gpt2-1.36b", "llama-134m", "llama-374m", "moe-1b"]
 
 
 def tiny_config(family: str, **overrides) -> ModelConfig:

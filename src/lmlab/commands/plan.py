@@ -126,6 +126,20 @@ def _trainable(plan: dict[str, Any]) -> str:
     )
 
 
+def _active(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """A mixture of experts' active parameters: what FLOPs and time are counted on."""
+    m, active = plan["model"], plan.get("active_params", plan["params"])
+    if m["family"] != "moe":
+        return []
+    return [
+        (
+            "active parameters",
+            f"{active:,} per token ({active / plan['params']:.1%}: "
+            f"{m['n_expert_per_token']} of {m['n_expert']} experts per layer; FLOPs count these)",
+        )
+    ]
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as an aligned, human-readable table."""
     m, hw, s, opt = plan["model"], plan["hardware"], plan["settings"], plan["compute_optimal"]
@@ -134,6 +148,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     rows = [
         ("model", f"{m['family']} {m['n_layer']}x{m['d_model']}, vocab {m['vocab_size']}"),
         ("parameters", f"{plan['params']:,} ({plan['non_embedding_params']:,} non-embedding)"),
+        *_active(plan),
         ("trainable parameters", _trainable(plan)),
         ("FLOPs per token", f"{plan['flops_per_token']:.3e} (training, seq_len {s['seq_len']})"),
         ("tokens", f"{_si(plan['tokens'])} ({plan['tokens_source']})"),

@@ -16,6 +16,11 @@ n_kv_head * head_dim, V = vocab). Elements saved per layer:
 - GPT-2: each LayerNorm saves its input and output (2*B*T*d, twice); attention saves the
   qkv projection, SDPA's output and its copy (5*B*T*d); the MLP saves c_fc's output and
   the GELU output (2*B*T*f).
+- MoE: norms and attention as LLaMA. Each token enters k experts (k = n_expert_per_token,
+  E = n_expert, whatever the routing: B*T*k rows in all), and each row saves the expert's
+  input (4*d bytes: one fp32 copy, or two 2-byte autocast casts), SwiGLU's 4*f and the
+  expert's output before it is weighted (d). The router keeps its fp32 logits and
+  probabilities (2*B*T*E*4 bytes); in mixed precision its input is one more cast copy.
 
 SDPA uses a fused (flash-style) kernel, so no T x T matrix is kept. In fp32 every element
 is 4 bytes. Under bf16/fp16 autocast the residual stream and norms stay fp32 and each
@@ -138,6 +143,13 @@ def _layer_activation_bytes(
     low = 4 if precision == "fp32" else 2  # bytes of autocast outputs
     mixed = precision != "fp32"
     frozen = lora_rank is not None
+    if cfg.family == "moe":  # LoRA does not adapt MoE models (lmlab.model.lora)
+        k, n_expert = cfg.n_expert_per_token, cfg.n_expert
+        kv_saved = d if cfg.n_kv_head != cfg.n_head else cfg.n_kv_head * cfg.head_dim
+        norms = 2 * 3 * d * 4 + (3 + 1) * d * 2 * mixed  # casts: q, k, v and the router
+        attn = (3 * d + 2 * kv_saved) * low
+        experts = k * (4 * d + 4 * f * low + d * low) + 2 * n_expert * 4
+        return bt * (norms + attn + (0 if drop_mlp else experts))
     n_linear = len(default_targets(cfg.family)) + (cfg.family == "gpt2")  # two c_proj
     if cfg.family == "llama":
         d_kv = cfg.n_kv_head * cfg.head_dim
@@ -179,7 +191,7 @@ def activation_bytes(
     # the final norm saves like one more norm, in fp32; with a frozen head its output is not
     # kept, and the first block's norm keeps nothing of its input (no gradient reaches it)
     if lora_rank is None:
-        final_norm = bt_d_fp32 * (3 if cfg.family == "llama" else 2)
+        final_norm = bt_d_fp32 * (2 if cfg.family == "gpt2" else 3)
         first_block_input = 0
     else:
         final_norm = bt_d_fp32

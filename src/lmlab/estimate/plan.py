@@ -15,7 +15,7 @@ from lmlab.errors import UserError
 from lmlab.estimate import scaling
 from lmlab.estimate.hardware import Hardware, load_hardware, parse_hardware_spec
 from lmlab.estimate.memory import trainable_params, training_memory
-from lmlab.model.build import flops_per_token, param_count
+from lmlab.model.build import active_param_count, flops_per_token, param_count
 from lmlab.model.config import ModelConfig
 
 HEADROOM = 0.10
@@ -173,6 +173,9 @@ def make_plan(
         "model": model_cfg.to_dict(),
         "params": n_params,
         "non_embedding_params": n_non_embedding,
+        # What one token computes with: below params only for a mixture of experts, whose
+        # memory holds every expert (params) while its FLOPs come from k of them.
+        "active_params": active_param_count(model_cfg),
         "trainable_params": trainable_params(model_cfg, method, lora_rank),
         "flops_per_token": flops_token,
         "tokens": tokens,
@@ -201,6 +204,12 @@ def make_plan(
         },
         "warnings": [],
     }
+    if model_cfg.family == "moe":
+        plan["warnings"].append(
+            "the scaling-law numbers (predicted loss, compute-optimal, tokens per parameter) "
+            "are fits to dense models: a mixture of experts' loss lies between a dense "
+            "model's of its active and of its total parameters"
+        )
     warning = scaling.tokens_per_param_warning(n_params, tokens)
     if warning:
         plan["warnings"].append(warning)

@@ -26,6 +26,16 @@ def _teaching(n_layer: int, n_head: int, d_model: int) -> ModelConfig:
     )
 
 
+def _moe(context_length: int, vocab_size: int, **sizes: int) -> ModelConfig:
+    return ModelConfig(
+        family="moe",
+        vocab_size=vocab_size,
+        context_length=context_length,
+        n_expert_per_token=2,
+        **sizes,
+    )
+
+
 def _gpu(n_layer: int, n_head: int, d_model: int) -> ModelConfig:
     return ModelConfig(
         family="llama",
@@ -51,6 +61,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama-53m": _gpu(n_layer=6, n_head=8, d_model=512),  # 53,221,888
     "llama-134m": _gpu(n_layer=12, n_head=12, d_model=768),  # 134,105,856
     "llama-374m": _gpu(n_layer=24, n_head=16, d_model=1024),  # 373,867,520
+    # Mixtures of experts (family "moe", Mixtral's layout), top-2 routing. Total parameters
+    # (all experts: memory) / active (what one token computes with: FLOPs).
+    # Teaching size, vocab 512, context 256: 1,971,328 total / 791,680 active.
+    "moe-tiny": _moe(256, 512, n_layer=4, n_head=4, d_model=128, d_ff=128, n_expert=8),
+    # GPU size, 16 fine-grained experts of d_ff 512: 1,005,650,944 total / 301,007,872 active.
+    "moe-1b": _moe(2048, 32000, n_layer=32, n_head=16, d_model=1024, d_ff=512, n_expert=16),
     # The original GPT-2 small: 124,439,808 params (tied embeddings, position table included).
     "gpt2-124m": ModelConfig(
         family="gpt2",
