@@ -8,7 +8,8 @@
     step        one optimizer step (train/setup.py: train_step); a step with a non-finite
                 loss or gradient changes nothing, and train.on_nonfinite decides what
                 follows a run of them: stop, or roll back to the last good checkpoint
-    log         loss, learning rate, tokens/s, MFU, ETA every logging.interval steps
+    log         loss, learning rate, tokens/s, MFU, ETA every logging.interval steps (and a
+                mixture of experts' auxiliary router loss and per-expert token shares)
     evaluate    validation loss every eval.interval steps and at the end
     save        an atomic checkpoint every checkpoint.interval steps, at the end and on
                 Ctrl-C / SIGTERM
@@ -354,6 +355,9 @@ class Trainer:
                 lr = lr_at(state.step, t) * state.lr_scale
                 loss = self.task.step(self.engine, self.loader, self.accum, lr, t.grad_clip)
                 meter.add(loss, self.engine.skipped, self.engine.grad_norm)
+                meter.add_routing(
+                    self.engine.aux_loss, self.engine.expert_load, self.engine.skipped
+                )
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 final = state.step == t.max_steps
@@ -536,6 +540,16 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(entry)
 
+    def _routing_metrics(self, meter: _Meter, good: int) -> dict[str, Any]:
+        """A mixture of experts' router numbers over the interval's good steps: the
+        auxiliary loss added to the loss, each layer's share of tokens per expert and the
+        smallest share (0: an expert starved)."""
+        if meter.expert_load_sum is None or not good:
+            return {}
+        aux = runtime.mean_across_ranks(meter.aux_loss_sum, self.env).item() / good
+        load = runtime.mean_across_ranks(meter.expert_load_sum, self.env) / good
+        return {"aux_loss": aux, "expert_load": load.tolist(), "expert_load_min": load.min().item()}
+
     def log_progress(self, meter: _Meter, lr: float) -> bool:
         """The one host sync per interval (and, with several ranks, one all-reduce). True
         if a loss spike made it roll back."""
@@ -568,6 +582,7 @@ class Trainer:
             "mfu": mfu,
             "peak_memory_bytes": peak_memory(self.device)[0],
             **self.task.progress_metrics(),
+            **self._routing_metrics(meter, good),
         }
         if skipped:
             entry["skipped_steps"] = skipped
@@ -698,10 +713,15 @@ class _Meter:
         self.grad_norm_steps = 0  # steps that reported a norm
         self.skipped_sum = torch.zeros((), device=device)
         self.bad_run = torch.zeros((), device=device)
+        self.aux_loss_sum = torch.zeros((), device=device)
+        self.expert_load_sum: torch.Tensor | None = None  # (n_layer, n_expert), MoE only
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum.zero_()
+        self.aux_loss_sum.zero_()
+        if self.expert_load_sum is not None:
+            self.expert_load_sum.zero_()
         self.grad_norm_sum.zero_()
         self.grad_norm_steps = 0
         self.skipped_sum.zero_()
@@ -727,6 +747,22 @@ class _Meter:
         self.skipped_sum += skipped
         self.bad_run.mul_(skipped).add_(skipped)  # +1 while skipping, back to 0 on a good step
         self.steps += 1
+
+    def add_routing(
+        self,
+        aux_loss: torch.Tensor | None,
+        expert_load: torch.Tensor | None,
+        skipped: torch.Tensor | None,
+    ) -> None:
+        """A mixture of experts' step: its auxiliary loss and expert loads (unless skipped)."""
+        if aux_loss is None or expert_load is None:
+            return
+        if skipped is None:
+            skipped = torch.zeros_like(self.skipped_sum)
+        if self.expert_load_sum is None:
+            self.expert_load_sum = torch.zeros_like(expert_load)
+        self.aux_loss_sum += torch.where(skipped > 0, 0.0, aux_loss)
+        self.expert_load_sum += torch.where(skipped > 0, 0.0, expert_load)
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.started

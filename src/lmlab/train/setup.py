@@ -2,9 +2,10 @@
 
     build_engine   device settings -> seeded model -> (checkpoint weights) -> parallelize
                    (checkpointing, compile, strategy) -> the strategy's AdamW -> grad scaler
-    train_step     one optimizer step: `accum` micro-batches of forward + backward, gradient
-                   clipping, AdamW, zero_grad; a step whose loss or gradient norm is not
-                   finite changes nothing (Engine.skipped says so, on the device)
+    train_step     one optimizer step: `accum` micro-batches of forward + backward (a
+                   mixture of experts adds its routers' auxiliary loss), gradient clipping,
+                   AdamW, zero_grad; a step whose loss or gradient norm is not finite
+                   changes nothing (Engine.skipped says so, on the device)
 
 Both live here so that the benchmark times exactly what the trainer runs.
 """
@@ -58,6 +59,12 @@ class Engine:
     grad_norm: torch.Tensor | None = None
     """The last step's global gradient norm before clipping (on the device; None where it
     was not computed: fp16 without clipping)."""
+    aux_loss: torch.Tensor | None = None
+    """Mixture of experts only: the last step's auxiliary router loss as added to the loss
+    (lmlab.model.moe; mean over micro-batches, on the device). None for dense models."""
+    expert_load: torch.Tensor | None = None
+    """Mixture of experts only: (n_layer, n_expert) share of the last step's routed tokens
+    that each expert received (mean over micro-batches, on the device)."""
 
 
 _DEFAULT_THREADS = torch.get_num_threads()  # one per core, or OMP_NUM_THREADS
@@ -123,19 +130,29 @@ def train_step(
     (reading it back would wait for the device, so the caller does that only to log).
 
     The loss of a batch (x, y) is the model's next-token loss over targets that are not
-    -100, unless `loss_fn(batch)` says otherwise (DPO)."""
+    -100, unless `loss_fn(batch)` says otherwise (DPO). A mixture of experts' routers add
+    their auxiliary loss (of the micro-batch's last forward pass) to what is minimised,
+    not to the loss returned: that stays the cross-entropy, comparable with val_loss."""
     e = engine
     for group in e.optimizer.param_groups:
         group["lr"] = lr
+    moe = hasattr(e.model, "auxiliary_loss")
     loss_sum = torch.zeros((), device=e.device)
+    aux_sum, load_sum = torch.zeros((), device=e.device), None
     for micro_step in range(accum):
         batch = _to_device(next_batch(), e.device)
         with gradient_sync(e.step_model, sync=micro_step == accum - 1):
             with autocast(e.device, e.amp_dtype):
                 # The logits are not kept alive through backward.
                 loss = loss_fn(batch) if loss_fn else e.step_model(*batch)[1]
-            e.scaler.scale(loss / accum).backward()
+            aux = e.model.auxiliary_loss() if moe else 0.0
+            e.scaler.scale((loss + aux) / accum).backward()
         loss_sum += loss.detach() / accum
+        if moe:
+            aux_sum += aux.detach() / accum
+            load = e.model.routing.expert_load / accum
+            load_sum = load if load_sum is None else load_sum + load
+    e.aux_loss, e.expert_load = (aux_sum, load_sum) if moe else (None, None)
     bad = ~torch.isfinite(loss_sum)
     if e.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients itself
         norm = None
