@@ -132,6 +132,9 @@ def assert_matches(
         ("fsdp", "full", "llama", "adamw"),
         ("fsdp", "none", "gpt2", "adamw"),  # tied embedding and head, sharded
         ("ddp", "none", "llama", "muon"),
+        ("ddp", "none", "moe", "adamw"),  # every expert gets a gradient, even an idle one
+        ("fsdp", "selective", "moe", "adamw"),  # the MoE layer recomputed, sharded
+        ("zero1", "full", "moe", "adamw"),
     ],
 )
 def test_two_processes_match_one(
