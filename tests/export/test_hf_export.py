@@ -41,7 +41,7 @@ def run_cli(argv: list[str]) -> int:
     return info.value.code
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "moe"])
 def test_transformers_loads_the_export_with_our_logits_and_stops(
     family, flowroll_data, tmp_path, capsys
 ):
@@ -60,6 +60,8 @@ def test_transformers_loads_the_export_with_our_logits_and_stops(
 
     ours, tokenizer, cfg, _ = build_from_checkpoint(run)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    expected_class = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+    assert type(model).__name__ == expected_class.get(family, "MixtralForCausalLM")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     text = "[3 1 2] | sort =>"
     ids = hf_tok(text, return_tensors="pt").input_ids

@@ -161,7 +161,9 @@ def facts_from_folder(folder: Path) -> CardFacts:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
                 parameters += math.prod(f.get_slice(key).get_shape())
-    family = {"llama": "llama", "gpt2": "gpt2"}.get(config.get("model_type"), "unknown")
+    family = {"llama": "llama", "gpt2": "gpt2", "mixtral": "moe"}.get(
+        config.get("model_type"), "unknown"
+    )
     return CardFacts(
         name=folder.name,
         family=family,
@@ -321,7 +323,9 @@ def model_card(facts: CardFacts, repo_id: str, license: str, has_curve: bool) ->
 
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", ""]
     lines += [f"# {repo_id.split('/')[1]}", ""]
-    kind = {"llama": "LLaMA", "gpt2": "GPT-2"}.get(facts.family, facts.family)
+    kind = {"llama": "LLaMA", "gpt2": "GPT-2", "moe": "Mixture-of-experts (Mixtral)"}.get(
+        facts.family, facts.family
+    )
     origin = (
         f"trained with lmlab (run `{facts.run}`)"
         if facts.run

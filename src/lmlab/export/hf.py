@@ -1,7 +1,8 @@
 """A run as a Hugging Face model folder that `transformers` loads unchanged.
 
-    model.safetensors, config.json     GPT2LMHeadModel / LlamaForCausalLM (model/hf.py's
-                                       converter), with bos / eos / pad token ids
+    model.safetensors, config.json     GPT2LMHeadModel / LlamaForCausalLM /
+                                       MixtralForCausalLM (model/hf.py's converter), with
+                                       bos / eos / pad token ids
     generation_config.json             stops at the end-of-document token
     tokenizer.json, tokenizer_config.json
                                        eos / pad / bos tokens, model_max_length and the
