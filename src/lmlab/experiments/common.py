@@ -251,6 +251,7 @@ def run_experiment(
     )
     folder.mkdir(parents=True, exist_ok=True)
     ctx = Context(name, folder, quick, dict(overrides), log, live)
+    commit = _commit()  # the code that runs, not what the tree holds when it ends
     started = time.perf_counter()
     results = module.run(ctx)
     seconds = time.perf_counter() - started
@@ -260,7 +261,7 @@ def run_experiment(
         "options": overrides,
         "seconds": round(seconds, 1),
         "lmlab": __version__,
-        "commit": _commit(),
+        "commit": commit,
         "machine": f"{platform.machine()}, {platform.system()}",
         "results": results,
     }
