@@ -2,7 +2,9 @@
 
 Runs warm-up steps (compilation, allocator, autotuning), then times `--steps` full
 training steps (forward, backward, AdamW) on random tokens, synchronising the device only
-around the timed block. MFU uses the device's dense peak when it is known (else null).
+around the timed block. MFU uses the device's dense peak when it is known (else null),
+and the model's own `flops_per_token`: for an MoE, the FLOPs of its active weights (the
+k experts a token uses, and the router), not of every expert it holds.
 
 With `--nproc K` (or under torchrun) every process runs the step under `--strategy`,
 exactly as the trainer sets it up and steps it (`lmlab.train.setup`); rank 0 prints the
@@ -91,6 +93,8 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
     engine = build_engine(cfg, env, torch_device, lambda: _model(cfg))  # the trainer's set-up
     amp_dtype = engine.amp_dtype
     params, flops = engine.model.num_params(), engine.model.flops_per_token(seq_len)
+    # An MoE computes with k of its experts per token: FLOPs (and so MFU) count those only.
+    active_params = getattr(engine.model, "num_active_params", engine.model.num_params)()
     generator = torch.Generator().manual_seed(env.rank)
     data = torch.randint(
         0, cfg.model.vocab_size, (4, micro_batch, seq_len + 1), generator=generator
@@ -128,6 +132,7 @@ def _bench(cfg, env, torch_device, preset, seq_len, micro_batch, steps, warmup):
         "commit": source_commit(),
         "preset": preset,
         "params": params,
+        "active_params": active_params,
         "seq_len": seq_len,
         "micro_batch": micro_batch,
         "world_size": env.world_size,
