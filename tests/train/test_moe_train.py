@@ -144,3 +144,39 @@ def test_without_the_auxiliary_loss_experts_starve_and_with_it_the_load_evens_ou
     balanced = final_expert_load(coef=0.1)
     assert balanced.min() > 0.15  # every expert gets at least 15% (25% is even)
     assert balanced.max() < 0.35
+
+
+def test_plan_counts_muons_state_and_lora_is_refused_in_one_line(flowroll_data, tmp_path, capsys):
+    """Muon plans on an MoE (the state of the matrices it trains); LoRA, which does not
+    adapt MoE models, is refused by plan, bench and finetune in one line that says so."""
+    from lmlab.cli import main as cli_main
+
+    def run(argv: list[str]) -> tuple[int, str, list[str]]:
+        with pytest.raises(SystemExit) as info:
+            cli_main(argv)
+        out, err = capsys.readouterr()
+        return info.value.code, out, err.strip().splitlines()
+
+    code, out, _ = run(["plan", "--preset", "moe-tiny", "--optimizer", "muon"])
+    assert code == 0 and "Muon + AdamW state" in out
+
+    cfg = tiny_moe_config(flowroll_data, tmp_path / "runs", "train.max_steps=2", "eval.interval=0")
+    base = train(cfg, log=lambda *a, **k: None).run_dir
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(
+        "".join(
+            json.dumps({"prompt": f"[{i}] | sort =>", "completion": f" [{i}]"}) + "\n"
+            for i in range(20)
+        )
+    )
+    for command in (
+        ["plan", "--preset", "moe-tiny", "--method", "lora"],
+        ["bench", "--preset", "moe-tiny", "--method", "qlora", "--device", "cpu"],
+        ["finetune", "--from", str(base), "--data", str(sft), "--method", "lora",
+         f"logging.runs_dir={tmp_path / 'ft'}", "train.device=cpu"],
+    ):  # fmt: skip
+        code, _, err = run(command)
+        assert code == 2 and len(err) == 1, (command, err)
+        assert "do not support moe (mixture-of-experts) models" in err[0], err
+        assert "--method full" in err[0]
+    assert not (tmp_path / "ft").exists() or not any((tmp_path / "ft").rglob("config.yaml"))

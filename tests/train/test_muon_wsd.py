@@ -196,11 +196,15 @@ def test_exact_resume(flowroll_data: Path, tmp_path: Path, extra: list[str]):
     assert trained[-1] < trained[0]
 
 
-def test_the_planner_knows_muons_state_size():
-    from lmlab.estimate.memory import training_memory
+@pytest.mark.parametrize("preset", ["tiny", "moe-tiny"])
+def test_the_planner_knows_muons_state_size(preset):
+    """What MuonAdamW holds after a step is what the planner counts; in an MoE, Muon has
+    the router and every expert's matrices (an expert no token chose still gets a zero
+    gradient, and so a momentum buffer)."""
+    from lmlab.estimate.memory import muon_matrix_params, training_memory
     from lmlab.estimate.plan import make_plan
 
-    cfg = build_config("tiny", overrides=["train.optimizer=muon", "train.device=cpu"])
+    cfg = build_config(preset, overrides=["train.optimizer=muon", "train.device=cpu"])
     model = build_model(cfg.model)
     opt = MuonAdamW(model, cfg.train, torch.device("cpu"))
     x = torch.randint(0, cfg.model.vocab_size, (2, 16))
@@ -219,5 +223,6 @@ def test_the_planner_knows_muons_state_size():
     assert adamw.optimizer_bytes - muon.optimizer_bytes == 4 * sum(
         p.numel() for p in muon_parameters(model)
     )
+    assert muon_matrix_params(cfg.model) == sum(p.numel() for p in muon_parameters(model))
     plan = make_plan(cfg.model, tokens=1e6, hardware="h100", optimizer="muon")
     assert plan["memory_per_gpu"]["optimizer_bytes"] == muon.optimizer_bytes

@@ -232,6 +232,24 @@ def adapted_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
     return [(n_in, n_out) for n_in, n_out, _ in one_block] * cfg.n_layer
 
 
+@functools.lru_cache(maxsize=64)
+def _block_matrix_params(cfg_json: str) -> int:
+    """Weights in one block's 2-D parameters, from the model built on the meta device."""
+    cfg = ModelConfig(**json.loads(cfg_json))
+    return sum(
+        p.numel()
+        for name, p in build_model(cfg, "meta").named_parameters()
+        if p.dim() == 2 and name.split(".")[0] == "blocks"
+    )
+
+
+def muon_matrix_params(cfg: ModelConfig) -> int:
+    """Weights Muon trains (lmlab.train.optim.muon_parameters): the blocks' matrices, i.e.
+    the attention and MLP projections, and in an MoE the router and every expert's."""
+    one_block = _block_matrix_params(json.dumps({**cfg.to_dict(), "n_layer": 1}, sort_keys=True))
+    return one_block * cfg.n_layer
+
+
 def trainable_params(cfg: ModelConfig, method: str = "full", lora_rank: int = 8) -> int:
     """Parameters the optimizer trains: all of them (full), or the adapters' rank * (in + out)."""
     _check_method(method, lora_rank)
@@ -282,8 +300,9 @@ def training_memory(
 
     method: "full", "lora" or "qlora" (adapters of rank `lora_rank` on every projection).
     optimizer: "adamw" (two fp32 moments per trained parameter) or "muon" (full training:
-    one fp32 momentum buffer for each weight of the blocks' linears, AdamW's two moments
-    for the rest, as lmlab.train.optim.MuonAdamW keeps them).
+    one fp32 momentum buffer for each weight of the blocks' matrices, an MoE's router and
+    experts included, AdamW's two moments for the rest, as lmlab.train.optim.MuonAdamW
+    keeps them).
     """
     _check_method(method, lora_rank)
     if optimizer not in OPTIMIZERS:
@@ -301,8 +320,7 @@ def training_memory(
     grads = n_trainable * GRAD_BYTES
     optimizer_bytes = n_trainable * ADAM_BYTES
     if optimizer == "muon" and method == "full":
-        matrices = sum(n_in * n_out for n_in, n_out in adapted_linears(cfg))
-        optimizer_bytes -= matrices * (ADAM_BYTES - MUON_BYTES)
+        optimizer_bytes -= muon_matrix_params(cfg) * (ADAM_BYTES - MUON_BYTES)
     optimizer = optimizer_bytes
     gathered = 0
     if strategy in ("zero1", "fsdp"):

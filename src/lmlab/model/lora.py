@@ -53,6 +53,10 @@ _NEVER_ADAPTED = ("lm_head",)
 
 def default_targets(family: str) -> tuple[str, ...]:
     """Every attention and MLP projection of a model family: all the names LoRA may target."""
+    if family == "moe":
+        raise UserError(
+            "LoRA and QLoRA do not support moe (mixture-of-experts) models yet: use --method full"
+        )
     if family not in _TARGETS:
         raise UserError(f"LoRA does not know model family {family!r}; known: {', '.join(_TARGETS)}")
     return _TARGETS[family]
