@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,22 @@ def test_mkdocs_build_strict_passes(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "index.html").is_file()
     assert (tmp_path / "site" / "reference" / "cli" / "index.html").is_file()
+
+
+def test_experiments_page_shows_a_full_run_of_every_experiment():
+    """docs/experiments.md, generated from full runs: each experiment's section names the
+    command it ran (without --quick) and the commit, and every plot it shows exists."""
+    from lmlab.experiments.common import EXPERIMENTS
+
+    text = (ROOT / "docs" / "experiments.md").read_text(encoding="utf-8")
+    for name in EXPERIMENTS:
+        assert f"\n## {name}\n" in text, (
+            f"docs/experiments.md has no full run of {name}: see docs/gen_experiments_doc.py"
+        )
+        body = text.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"Run with `lmlab experiment {name}` (lmlab" in body and "commit " in body
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body)
+        assert images, f"the {name} section shows no plot"
+        for image in images:
+            assert image.startswith(f"images/experiments/{name}/")
+            assert (ROOT / "docs" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

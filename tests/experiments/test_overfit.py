@@ -32,3 +32,20 @@ def test_unknown_experiments_and_options_are_one_line_errors(tmp_path: Path):
         lmlab.run_experiment("overfitt", tmp_path)
     with pytest.raises(UserError, match="no option 'step'"):
         lmlab.run_experiment("overfit", tmp_path, step=3)
+
+
+def test_experiment_list_shows_every_experiment_and_its_options(capsys):
+    from lmlab.commands.experiment import main
+    from lmlab.experiments.common import EXPERIMENTS, experiment_options
+
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    for name in EXPERIMENTS:
+        assert f"\n{name} " in "\n" + listing
+        for key in experiment_options(name):
+            assert f"    {key}=" in listing
+    assert main(["list", "copy-task"]) == 0
+    one = capsys.readouterr().out
+    assert one.startswith("copy-task ") and "init_std=" in one and "overfit" not in one
+    with pytest.raises(UserError, match="unknown experiment 'nope'"):
+        main(["list", "nope"])

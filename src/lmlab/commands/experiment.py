@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from lmlab.errors import UserError
-from lmlab.experiments.common import EXPERIMENTS, run_experiment
+from lmlab.experiments.common import EXPERIMENTS, experiment_options, run_experiment
 
 
 def _parse_overrides(items: list[str]) -> dict[str, str]:
@@ -17,6 +17,20 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
             raise UserError(f"expected KEY=VALUE, got {item!r} (e.g. steps=300)")
         overrides[key] = value
     return overrides
+
+
+def _listing(names: list[str]) -> str:
+    """Each experiment's lesson, then its options (KEY: what it sets, and its defaults)."""
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown:
+        raise UserError(f"unknown experiment {unknown[0]!r}; choose from: {', '.join(EXPERIMENTS)}")
+    lines = []
+    for name in names or EXPERIMENTS:
+        lines.append(f"{name.ljust(14)} {EXPERIMENTS[name][1]}")
+        options = experiment_options(name)
+        width = max((len(key) for key in options), default=0) + 1
+        lines += [f"    {(key + '=').ljust(width)}  {text}" for key, text in options.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -31,7 +45,8 @@ def main(argv: list[str]) -> int:
 {names}
 
 examples:
-  lmlab experiment list
+  lmlab experiment list                         # every experiment with its options
+  lmlab experiment list copy-task               # one experiment's options and defaults
   lmlab experiment overfit --quick              # about a minute: the lesson in small
   lmlab experiment overfit                      # the full run (minutes); experiments/overfit/
   lmlab experiment overfit --out /tmp/of steps=300 preset=tiny
@@ -46,7 +61,7 @@ In Python: lmlab.run_experiment("overfit", quick=True, steps=300) returns the sa
     )
     args = parser.parse_intermixed_args(argv)
     if args.name == "list":
-        print(names)
+        print(_listing(args.overrides))
         return 0
     result = run_experiment(
         args.name,

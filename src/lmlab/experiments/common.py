@@ -227,6 +227,14 @@ def curve(history: list[dict[str, Any]], key: str, x: str = "step") -> list[tupl
     return points
 
 
+def experiment_options(name: str) -> dict[str, str]:
+    """An experiment's options (`KEY=VALUE` on the command line, keywords in Python), each
+    with what it sets and its quick and full defaults."""
+    return dict(
+        getattr(importlib.import_module(f"lmlab.experiments.{EXPERIMENTS[name][0]}"), "OPTIONS", {})
+    )
+
+
 def run_experiment(
     name: str,
     out: str | Path | None = None,
