@@ -17,7 +17,7 @@ from lmlab.errors import UserError
 from lmlab.model.build import build_model
 from lmlab.runs.checkpoint import list_checkpoints
 from lmlab.train.loop import train
-from lmlab.train.optim import MuonAdamW, muon_parameters
+from lmlab.train.optim import Muon, MuonAdamW, muon_parameters, orthogonalise
 from lmlab.train.schedule import lr_at
 
 
@@ -51,6 +51,37 @@ def test_a_wsd_run_can_be_extended_before_its_decay_without_a_jump():
 
 
 # -- Muon -----------------------------------------------------------------------------------
+
+
+def test_orthogonalise_is_the_plain_iteration_in_fp32_on_cpu():
+    torch.manual_seed(0)
+    for shape in [(48, 48), (96, 48), (48, 144)]:
+        g = torch.randn(*shape)
+        ours = orthogonalise(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, plain_orthogonalise(g), rtol=1e-4, atol=1e-5)
+
+
+def test_muon_steps_as_torch_optim_muon_does(monkeypatch):
+    """The same options, state and update as torch.optim.Muon (whose iteration, in bf16,
+    is swapped for the fp32 one on its side)."""
+    import torch.optim._muon as torch_muon
+
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", orthogonalise)
+    torch.manual_seed(0)
+    weights = [torch.randn(24, 16, requires_grad=True), torch.randn(16, 40, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_() for w in weights]
+    options = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    ours, theirs = Muon(weights, **options), torch.optim.Muon(twins, **options)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for w, t, g in zip(weights, twins, grads, strict=True):
+            w.grad, t.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for w, t in zip(weights, twins, strict=True):
+        torch.testing.assert_close(w, t, rtol=1e-6, atol=1e-6)
+    assert ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
@@ -99,16 +130,9 @@ def test_torch_orthogonalisation_is_the_plain_one_in_bf16():
         assert singular.min() > 0.5 and singular.max() < 1.5
 
 
-def test_muon_matches_a_plain_reference(monkeypatch):
-    """Everything but the bf16 rounding: with the orthogonalisation in fp32 on both sides,
-    lmlab's Muon + AdamW steps equal a plain implementation."""
-    import torch.optim._muon as torch_muon
-
-    monkeypatch.setattr(
-        torch_muon,
-        "_zeropower_via_newtonschulz",
-        lambda g, coefficients, steps, eps: plain_orthogonalise(g, steps),
-    )
+def test_muon_matches_a_plain_reference():
+    """lmlab's Muon + AdamW steps equal a plain implementation (on a CPU both orthogonalise
+    in fp32)."""
     torch.manual_seed(0)
     cfg = build_config(
         "ultra-tiny", overrides=["train.optimizer=muon", "train.lr=0.01", "train.weight_decay=0.1"]
