@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.experiments.common import Context, curve
+from lmlab.experiments.workshop import mib
 
 OPTIONS = {
     "base_steps": "steps of the Shakespeare base model (quick: 10; full: 600)",
@@ -88,7 +89,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "|---|---|---|---|---|---|---|\n"
         + "\n".join(
             f"| {label} | {m['trainable_params']:,} | {m['trainable_fraction']:.1%} | "
-            f"{_mib(m['peak_memory_bytes'])} | {m['step_time_s'] * 1000:.0f} ms | "
+            f"{mib(m['peak_memory_bytes'])} | {m['step_time_s'] * 1000:.0f} ms | "
             f"{m['val_loss_before']:.3f} -> {m['val_loss_after']:.3f} | "
             f"{m['exact_match_before']:.1%} -> {m['exact_match_after']:.1%} |"
             for label, m in methods.items()
@@ -116,20 +117,20 @@ def _cost_paragraph(lora: dict, full: dict, every_weight: int) -> str:
         pace = "the two ran at about the same speed (within 10%)"
     saved = full["peak_memory_bytes"] - lora["peak_memory_bytes"]
     if abs(saved) < 0.02 * full["peak_memory_bytes"]:
-        memory = f"within 2% of each other ({_mib(abs(saved))} apart)"
+        memory = f"within 2% of each other ({mib(abs(saved))} apart)"
     elif saved > 0:
-        memory = f"{_mib(saved)} less for LoRA"
+        memory = f"{mib(saved)} less for LoRA"
     else:
-        memory = f"{_mib(-saved)} more for LoRA"
+        memory = f"{mib(-saved)} more for LoRA"
     frozen_state = (every_weight - lora["trainable_params"]) * ADAMW_BYTES_PER_PARAM
     share = frozen_state / full["peak_memory_bytes"]
     return (
         f"A median LoRA step took {lora['step_time_s'] * 1000:.0f} ms against "
         f"{full['step_time_s'] * 1000:.0f} ms for full fine-tuning: {pace}. Peak memory "
-        f"(each process's resident set) was {_mib(lora['peak_memory_bytes'])} against "
-        f"{_mib(full['peak_memory_bytes'])}: {memory}. A frozen weight needs no gradient "
+        f"(each process's resident set) was {mib(lora['peak_memory_bytes'])} against "
+        f"{mib(full['peak_memory_bytes'])}: {memory}. A frozen weight needs no gradient "
         f"and no AdamW moments, {ADAMW_BYTES_PER_PARAM} bytes in fp32, so LoRA can save at "
-        f"most about {_mib(frozen_state)} of training state here, {share:.0%} of the peak"
+        f"most about {mib(frozen_state)} of training state here, {share:.0%} of the peak"
         + (
             ", most of which is the interpreter and torch's libraries. That share grows "
             "with the model: for billions of frozen weights it is most of the memory."
@@ -206,7 +207,3 @@ def _bars(ctx: Context, filename: str, methods: dict[str, dict], base_match: flo
     atomic_write_bytes(path, buffer.getvalue())
     ctx.plots.append(path)
     return path
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"

@@ -108,7 +108,7 @@ def run_workshop(
             f"{lora['step_time_s'] * 1000:.0f} ms",
             f"{full['step_time_s'] * 1000:.0f} ms",
         ),
-        ("peak memory (RSS)", "", _mib(lora["peak_memory_bytes"]), _mib(full["peak_memory_bytes"])),
+        ("peak memory (RSS)", "", mib(lora["peak_memory_bytes"]), mib(full["peak_memory_bytes"])),
         ("val loss", "", f"{lora['val_loss']:.3f}", f"{full['val_loss']:.3f}"),
         (
             "exact match",
@@ -167,5 +167,5 @@ def run_costs(run: Path) -> dict:
     }
 
 
-def _mib(n: float) -> str:
+def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"

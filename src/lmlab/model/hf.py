@@ -128,36 +128,8 @@ def to_hf_config(cfg: ModelConfig) -> Any:
             **({} if cfg.bias else {"lmlab_bias": False}),
             **special_tokens,
         )
-    if cfg.family == "moe":
-        return transformers.MixtralConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head,
-            num_key_value_heads=cfg.n_kv_head,
-            head_dim=cfg.head_dim,
-            max_position_embeddings=cfg.context_length,
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta,
-            hidden_act="silu",
-            sliding_window=None,
-            num_local_experts=cfg.n_expert,
-            num_experts_per_tok=cfg.n_expert_per_token,
-            router_aux_loss_coef=cfg.router_aux_loss_coef,
-            router_jitter_noise=0.0,
-            attention_dropout=cfg.dropout,
-            initializer_range=cfg.init_std,
-            tie_word_embeddings=cfg.tie_embeddings,
-            # Mixtral has no z-loss; kept in config.json (as lmlab_bias) when it is on.
-            **(
-                {"lmlab_router_z_loss_coef": cfg.router_z_loss_coef}
-                if cfg.router_z_loss_coef
-                else {}
-            ),
-            **special_tokens,
-        )
-    return transformers.LlamaConfig(
+    # LLaMA and Mixtral describe the shared parts (attention, RoPE, norms) the same way.
+    llama_like = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
         intermediate_size=cfg.d_ff,
@@ -169,13 +141,27 @@ def to_hf_config(cfg: ModelConfig) -> Any:
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         hidden_act="silu",
-        attention_bias=cfg.bias,
-        mlp_bias=cfg.bias,
         attention_dropout=cfg.dropout,
         initializer_range=cfg.init_std,
         tie_word_embeddings=cfg.tie_embeddings,
         **special_tokens,
     )
+    if cfg.family == "moe":
+        return transformers.MixtralConfig(
+            **llama_like,
+            sliding_window=None,
+            num_local_experts=cfg.n_expert,
+            num_experts_per_tok=cfg.n_expert_per_token,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            router_jitter_noise=0.0,
+            # Mixtral has no z-loss; kept in config.json (as lmlab_bias) when it is on.
+            **(
+                {"lmlab_router_z_loss_coef": cfg.router_z_loss_coef}
+                if cfg.router_z_loss_coef
+                else {}
+            ),
+        )
+    return transformers.LlamaConfig(**llama_like, attention_bias=cfg.bias, mlp_bias=cfg.bias)
 
 
 def from_hf_config(hf_config: Any) -> ModelConfig:

@@ -138,21 +138,26 @@ def train_step(
         group["lr"] = lr
     moe = hasattr(e.model, "auxiliary_loss")
     loss_sum = torch.zeros((), device=e.device)
-    aux_sum, load_sum = torch.zeros((), device=e.device), None
+    aux_sum = torch.zeros((), device=e.device) if moe else None
+    load_sum = None
     for micro_step in range(accum):
         batch = _to_device(next_batch(), e.device)
         with gradient_sync(e.step_model, sync=micro_step == accum - 1):
             with autocast(e.device, e.amp_dtype):
                 # The logits are not kept alive through backward.
                 loss = loss_fn(batch) if loss_fn else e.step_model(*batch)[1]
-            aux = e.model.auxiliary_loss() if moe else 0.0
-            e.scaler.scale((loss + aux) / accum).backward()
+            if moe:  # dense models add nothing: no extra op on their step
+                aux = e.model.auxiliary_loss()
+                objective = loss + aux
+            else:
+                objective = loss
+            e.scaler.scale(objective / accum).backward()
         loss_sum += loss.detach() / accum
         if moe:
             aux_sum += aux.detach() / accum
             load = e.model.routing.expert_load / accum
             load_sum = load if load_sum is None else load_sum + load
-    e.aux_loss, e.expert_load = (aux_sum, load_sum) if moe else (None, None)
+    e.aux_loss, e.expert_load = aux_sum, load_sum  # None for dense models
     bad = ~torch.isfinite(loss_sum)
     if e.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients itself
         norm = None
