@@ -14,7 +14,9 @@ torchtitan uses.
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,6 +45,28 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             )
 
 
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps what it compiled: TORCHINDUCTOR_CACHE_DIR if set, else
+    lmlab's folder in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "lmlab" / "torch-compile"
+
+
+def use_persistent_compile_cache() -> Path:
+    """Point torch.compile's caches (Inductor's compiled kernels and graphs, AOTAutograd's
+    forward/backward graphs) at `compile_cache_dir()`, which outlives a reboot; PyTorch's
+    own default is a folder in /tmp. Only the first run of a model shape on a machine pays
+    the full compile time (BENCHMARKS.md: cold vs warm); later runs load the result. The
+    caches are keyed by the code, the shapes and the torch version, so a change recompiles
+    rather than reusing something stale."""
+    folder = compile_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def parallelize(
     model: nn.Module,
     cfg: TrainConfig,
@@ -57,6 +81,7 @@ def parallelize(
     """
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
+        use_persistent_compile_cache()
         for block in model.blocks:
             block.compile()
     if not env.enabled:
