@@ -40,6 +40,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "n_head": 4,
             "d_model": 128,
             "bias": False,
+            "gelu": "exact",  # its MLP is nn.GELU(): the error-function GELU
         },
         "train": {
             "max_steps": 2000,

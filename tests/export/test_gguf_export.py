@@ -256,6 +256,12 @@ def test_refusals_are_one_line_and_leave_nothing_behind(bpe_data, flowroll_data,
         export_gguf(char_run, out_dir / "b.gguf")
     assert "\n" not in str(info.value)
 
+    # GGUF's gpt2 architecture has the tanh GELU only: an exact-GELU GPT-2 is refused.
+    exact_run = tiny_run(bpe_data, tmp_path / "exact_runs", "gpt2", "model.gelu=exact")
+    with pytest.raises(UserError, match="exact one") as info:
+        export_gguf(exact_run, out_dir / "e.gguf")
+    assert "\n" not in str(info.value)
+
     # A failed self-check (here: q / k rows not permuted) writes nothing, not even a temp file;
     # it also shows the permutation is what makes llama.cpp's layout match.
     with pytest.MonkeyPatch.context() as patch:

@@ -22,6 +22,7 @@ CONFIGS = {
     "gpt2": dict(family="gpt2"),
     "gpt2-untied": dict(family="gpt2", tie_embeddings=False),
     "gpt2-no-bias": dict(family="gpt2", bias=False),
+    "gpt2-exact-gelu": dict(family="gpt2", gelu="exact"),
     "llama": dict(family="llama"),
     "llama-gqa": dict(family="llama", n_head=4, n_kv_head=2),
     "llama-mqa-tied": dict(family="llama", n_head=4, n_kv_head=1, tie_embeddings=True),
@@ -118,6 +119,21 @@ def test_bias_free_gpt2_survives_a_saved_round_trip(tmp_path, idx):
     randomize(reloaded, seed=2)
     with pytest.raises(UserError, match="cannot hold"):
         from_hf(reloaded)
+
+
+def test_the_two_gelus_differ_and_only_gpt2_takes_the_choice(idx):
+    """The exact-GELU parity above is not the tanh model passing by tolerance."""
+    from lmlab.errors import UserError
+
+    tanh = build_model(make_config("gpt2")).eval()
+    randomize(tanh, seed=0)
+    exact = build_model(make_config("gpt2-exact-gelu")).eval()
+    exact.load_state_dict(tanh.state_dict())
+    assert (our_logits(tanh, idx) - our_logits(exact, idx)).abs().max().item() > 1e-4
+    with pytest.raises(UserError, match="gelu"):
+        ModelConfig(**{**make_config("llama").to_dict(), "gelu": "exact"}).validate()
+    with pytest.raises(UserError, match="gelu"):
+        ModelConfig(**{**make_config("gpt2").to_dict(), "gelu": "erf"}).validate()
 
 
 def test_tied_weights_stay_tied_both_ways():

@@ -62,6 +62,21 @@ def test_orthogonalise_is_the_plain_iteration_in_fp32_on_cpu():
         torch.testing.assert_close(ours, plain_orthogonalise(g), rtol=1e-4, atol=1e-5)
 
 
+def test_a_stack_of_matrices_is_orthogonalised_each_on_its_own():
+    """The batched iteration Muon runs over same-shaped matrices equals one call per matrix
+    and the plain iteration, wide and tall."""
+    torch.manual_seed(0)
+    for shape in [(32, 32), (32, 96), (96, 32)]:
+        stack = torch.randn(5, *shape)
+        stack[2] *= 100.0  # each matrix is scaled by its own norm, not the stack's
+        batched = orthogonalise(stack, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        assert batched.shape == stack.shape
+        for g, ours in zip(stack, batched, strict=True):
+            alone = orthogonalise(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
+            torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours, plain_orthogonalise(g), rtol=1e-4, atol=1e-5)
+
+
 def test_muon_steps_as_torch_optim_muon_does(monkeypatch):
     """The same options, state and update as torch.optim.Muon (whose iteration, in bf16,
     is swapped for the fp32 one on its side)."""
@@ -69,7 +84,8 @@ def test_muon_steps_as_torch_optim_muon_does(monkeypatch):
 
     monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", orthogonalise)
     torch.manual_seed(0)
-    weights = [torch.randn(24, 16, requires_grad=True), torch.randn(16, 40, requires_grad=True)]
+    # Two of one shape (orthogonalised together, as one stack) and one of another.
+    weights = [torch.randn(*shape, requires_grad=True) for shape in [(24, 16), (16, 40), (24, 16)]]
     twins = [w.detach().clone().requires_grad_() for w in weights]
     options = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
     ours, theirs = Muon(weights, **options), torch.optim.Muon(twins, **options)

@@ -237,8 +237,25 @@ def test_tensorboard_events_are_written(flowroll_data: Path, tmp_path: Path):
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_the_compile_cache_lives_in_the_users_cache_folder(tmp_path: Path, monkeypatch):
+    from lmlab.train.distributed.parallelize import compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "lmlab" / "torch-compile"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache_dir() == tmp_path / "home" / ".cache" / "lmlab" / "torch-compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"  # the user's own choice wins
+
+
 @pytest.mark.slow
-def test_compiled_training_matches_eager(flowroll_data: Path, tmp_path: Path):
+def test_compiled_training_matches_eager(flowroll_data: Path, tmp_path: Path, monkeypatch):
+    """The compiled blocks train as the eager ones do, and what was compiled is kept in the
+    persistent cache folder for the next run."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     common = ("train.max_steps=4", "model.dropout=0.0", "eval.interval=0", "checkpoint.interval=0")
     eager = train(tiny_config(flowroll_data, tmp_path / "a", *common), log=lambda *a, **k: None)
     compiled = train(
@@ -249,6 +266,8 @@ def test_compiled_training_matches_eager(flowroll_data: Path, tmp_path: Path):
         losses(eager.run_dir), losses(compiled.run_dir), strict=True
     ):
         assert step_a == step_b and loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-4)
+    cache = tmp_path / "xdg" / "lmlab" / "torch-compile"
+    assert any(f.is_file() for f in cache.rglob("*")), "nothing compiled was cached"
 
 
 def test_cli_stop_and_resume_latest(flowroll_data: Path, tmp_path: Path, monkeypatch, capsys):

@@ -137,6 +137,11 @@ def export_gguf(
         model = merge_lora_into(model).eval()  # a plain model: base + adapters folded in
     model = model.float()
     mcfg: ModelConfig = model.config
+    if mcfg.family == "gpt2" and mcfg.gelu != "tanh":
+        raise UserError(
+            "GGUF's gpt2 architecture runs the tanh GELU and this model uses the exact one "
+            "(model.gelu=exact): export it with --format hf instead"
+        )
     if mcfg.family == "llama" and mcfg.head_dim * mcfg.n_head != mcfg.d_model:
         raise UserError("GGUF export of a LLaMA with head_dim * n_head != d_model is not supported")
     vocab = _tokenizer_vocab(tokenizer, mcfg.vocab_size)

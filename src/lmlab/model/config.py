@@ -19,6 +19,8 @@ from lmlab.typed_dict import from_dict
 
 Family = Literal["gpt2", "llama", "moe"]
 FAMILIES: tuple[str, ...] = typing.get_args(Family)
+Gelu = Literal["tanh", "exact"]
+GELUS: tuple[str, ...] = typing.get_args(Gelu)
 
 
 def default_d_ff(family: str, d_model: int, ffn_multiple_of: int) -> int:
@@ -65,6 +67,10 @@ class ModelConfig:
     """Biases in linear layers and LayerNorm (None -> gpt2: True, llama: False)."""
     tie_embeddings: bool | None = None
     """Share the token embedding with the output layer (None -> gpt2: True, llama: False)."""
+    gelu: Gelu = "tanh"
+    """gpt2 only: the MLP's GELU. "tanh": the tanh approximation GPT-2 was trained with (HF's
+    "gelu_new"); "exact": x * Phi(x) with the error function (HF's "gelu", PyTorch's
+    nn.GELU()), which the reference CPU recipe uses and which runs ~3x faster on AVX2 CPUs."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init; residual projections get /sqrt(2*n_layer)."""
     n_expert: int = 8
@@ -121,6 +127,10 @@ class ModelConfig:
                 raise UserError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gelu not in GELUS:
+            raise UserError(f"gelu must be one of {', '.join(GELUS)}, not {self.gelu!r}")
+        if self.gelu != "tanh" and self.family != "gpt2":
+            raise UserError(f"gelu={self.gelu} is for family gpt2; {self.family} uses SwiGLU")
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")

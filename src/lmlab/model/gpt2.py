@@ -57,16 +57,18 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two linear layers with a GELU between them (tanh approximation, HF's "gelu_new")."""
+    """Two linear layers with a GELU between them: the tanh approximation (HF's "gelu_new")
+    or, with cfg.gelu="exact", the error-function GELU (HF's "gelu")."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.approximate = "tanh" if cfg.gelu == "tanh" else "none"
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, d_ff)
+        h = F.gelu(self.c_fc(x), approximate=self.approximate)  # (B, T, d_ff)
         return self.dropout(self.c_proj(h))  # (B, T, d_model)
 
 

@@ -99,6 +99,12 @@ def param_pairs(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     return pairs
 
 
+# ModelConfig.gelu <-> GPT2Config.activation_function ("gelu_pytorch_tanh" is the same
+# tanh approximation under another name).
+_HF_GELU = {"tanh": "gelu_new", "exact": "gelu"}
+_GELU_OF_HF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}
+
+
 def to_hf_config(cfg: ModelConfig) -> Any:
     """The transformers config (GPT2Config / LlamaConfig) describing the same architecture.
 
@@ -116,7 +122,7 @@ def to_hf_config(cfg: ModelConfig) -> Any:
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
             n_inner=cfg.d_ff,
-            activation_function="gelu_new",
+            activation_function=_HF_GELU[cfg.gelu],
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,
@@ -170,10 +176,11 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     model_type = getattr(hf_config, "model_type", None)
     tied = bool(getattr(hf_config, "tie_word_embeddings", model_type == "gpt2"))
     if model_type == "gpt2":
-        if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        gelu = _GELU_OF_HF.get(hf_config.activation_function)
+        if gelu is None:
             raise UserError(
                 f"GPT-2 activation {hf_config.activation_function!r} is not supported; "
-                "lmlab's GPT-2 uses the tanh GELU ('gelu_new')"
+                "lmlab's GPT-2 uses the tanh GELU ('gelu_new') or the exact one ('gelu')"
             )
         if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or not getattr(
             hf_config, "scale_attn_weights", True
@@ -191,6 +198,7 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
             dropout=float(hf_config.resid_pdrop),
             bias=bool(getattr(hf_config, "lmlab_bias", True)),
             tie_embeddings=tied,
+            gelu=gelu,
             init_std=float(hf_config.initializer_range),
         )
     elif model_type == "llama":
