@@ -4,7 +4,8 @@ Data: char-level tinyshakespeare (../shared/data), prepared by `lmlab prepare --
 char --val-split tail`: the last 10% of the text is the validation split, as in the widely
 used reference implementation, whose 2,000-step run ends at val loss 1.886 there.
 
-Runs, one after another in this order, each in a fresh process:
+Runs, one after another in this order, each in a fresh process, the whole order repeated
+--rounds times (interleaved, so that a machine other programs slow down slows each alike):
 
 1. `reference`: exactly the reference's CPU demo shape (GPT, 4 layers, 4 heads, width 128,
    context 64, batch 12, no dropout, lr 1e-3, 2000 steps, 20 eval batches every 250 steps).
@@ -22,8 +23,8 @@ evaluation at or below the reference's final 1.886 (evaluations included), and
 `full_val_loss`, the final weights' loss on the whole validation split (the evaluations
 during training read its first eval.batches x 12 x 64 tokens).
 
-Prints one JSON object.
-    python benchmarks/cpu_reference.py [--only reference,compile,fast,speedrun]
+Prints one JSON object: every round's figures and their medians.
+    python benchmarks/cpu_reference.py [--rounds 2] [--only reference,fast,compile,speedrun]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,9 @@ def main() -> None:
         "--only", default=",".join(RUNS), help="comma-separated: " + ", ".join(RUNS)
     )
     parser.add_argument("--text", type=Path, default=TEXT)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="times to run each, interleaved (default 2)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,21 +152,38 @@ def main() -> None:
         "val_split": "tail (last 10% of the text)",
         "target_loss": TARGET_LOSS,
     }
+    summary_keys = ("wall_s", "train_tokens_per_s", "seconds_to_1_886", "full_val_loss")
+    out["rounds"] = []
     with tempfile.TemporaryDirectory() as tmp:
         data, runs = Path(tmp) / "data", Path(tmp) / "runs"
         prepare([str(args.text)], data, "char", val_split="tail", log=lambda *_: None)
-        if "reference" in only:
-            out["reference"] = spawn("shakespeare-char-reference", data, runs)
-        if "fast" in only:
-            out["fast"] = spawn("shakespeare-char-fast", data, runs)
-        if "compile" in only:
-            cache = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "compile-cache")}
-            for name in ("compile_cold", "compile_warm"):
-                out[name] = spawn(
-                    "shakespeare-char-fast", data, runs, "train.compile=true", env=cache
-                )
-        if "speedrun" in only:
-            out["speedrun"] = spawn("shakespeare-char-speedrun", data, runs)
+        cache = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "compile-cache")}  # empty at first
+        for round_index in range(args.rounds):
+            results: dict = {}
+            if "reference" in only:
+                results["reference"] = spawn("shakespeare-char-reference", data, runs)
+            if "fast" in only:
+                results["fast"] = spawn("shakespeare-char-fast", data, runs)
+            if "compile" in only:
+                # Cold once (the first round finds the cache empty), warm in every round.
+                names = ("compile_cold", "compile_warm") if round_index == 0 else ("compile_warm",)
+                for name in names:
+                    results[name] = spawn(
+                        "shakespeare-char-fast", data, runs, "train.compile=true", env=cache
+                    )
+            if "speedrun" in only:
+                results["speedrun"] = spawn("shakespeare-char-speedrun", data, runs)
+            out["rounds"].append(results)
+    # Medians over the rounds of each run's headline figures (a single cold compile).
+    out["median"] = {
+        name: {
+            key: statistics.median(r[name][key] for r in out["rounds"] if name in r)
+            if all(r[name][key] is not None for r in out["rounds"] if name in r)
+            else None
+            for key in summary_keys
+        }
+        for name in out["rounds"][0]
+    }
     print(json.dumps(out, indent=2))
 
 
