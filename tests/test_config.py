@@ -45,6 +45,7 @@ def test_widening_rederives_mlp_unless_given():
         ("model.n_kv_head=4", "not divisible by n_kv_head"),
         ("train.device=tpu", "train.device must be"),
         ("train.compile=maybe", "true or false"),
+        ("model.gelu=erf", "gelu must be one of|must be one of"),
     ],
 )
 def test_bad_overrides(override, match):
