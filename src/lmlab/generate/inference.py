@@ -9,10 +9,13 @@ generation ends (also on error), both memory-neutral, neither changing a value:
   rotate together (`Attention.fused_qkv`, `MLP.fused_gate_up`). The nn.Linear weights
   become views into the stacked matrix meanwhile, so nothing is held twice. Layers
   wrapped by LoRA or quantized are left as they are.
-- `column_major_linears`: with several rows per step, MKL multiplies by an (out, in) weight
-  about twice as fast when it is stored column-major, i.e. as the transpose of an
-  (in, out) contiguous matrix (measured: 8 rows x 384 -> 8192, 0.70 ms row-major, 0.32 ms
-  column-major; for one row, or a long prefill, about the same either way).
+- `column_major_linears`: on the CPU, MKL multiplies by an (out, in) weight faster when it
+  is stored column-major, i.e. as the transpose of an (in, out) contiguous matrix. With
+  several rows per step about twice as fast (8 rows x 384 -> 8192: 0.70 ms row-major, 0.32
+  ms column-major). With one row it depends on the CPU: the same on the project's earlier
+  VM, but 2.5x faster on its AMD EPYC one for a wide output layer (1 x 384 -> 8192: 1.09
+  ms row-major, 0.44 ms column-major), so CPU weights are laid out column-major for any
+  number of rows. A long prefill runs about the same either way.
 
 Measured on this project's 2-core CPU, ~15M-parameter LLaMA, 256 new tokens: fused
 projections +16% tokens/s at batch 1; column-major weights +20% at batch 8
@@ -33,10 +36,13 @@ from lmlab.model.llama import MLP, Attention
 
 @contextlib.contextmanager
 def inference_weights(model: nn.Module, several_rows: bool) -> Iterator[None]:
-    """Both layouts for a generation of one row (False) or several rows per step (True)."""
+    """Both layouts for a generation of one row (False) or several rows per step (True):
+    column-major weights for several rows, and on the CPU for one row too."""
+    param = next(model.parameters(), None)
+    column_major = several_rows or (param is not None and param.device.type == "cpu")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fused_projections(model, column_major=several_rows))
-        if several_rows:
+        stack.enter_context(fused_projections(model, column_major=column_major))
+        if column_major:
             stack.enter_context(column_major_linears(model))
         yield
 
