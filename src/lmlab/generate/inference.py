@@ -18,7 +18,8 @@ generation ends (also on error), both memory-neutral, neither changing a value:
   number of rows. A long prefill runs about the same either way.
 
 Measured on this project's 2-core CPU, ~15M-parameter LLaMA, 256 new tokens: fused
-projections +16% tokens/s at batch 1; column-major weights +20% at batch 8
+projections +16% tokens/s at batch 1; column-major weights +20% at batch 8, and +23% at
+batch 1 on the AMD EPYC VM
 (benchmarks/generate_speed.py; BENCHMARKS.md). Tests compare every layout with the plain
 model (tests/generate/test_inference.py).
 """
