@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+# The char-level Shakespeare recipes' LLaMA: the reference's width and depth (4 x 128),
+# context 64, an MLP of 384 (LLaMA's default 512 would cost 1.5x GPT-2's at this width).
+_CHAR_LLAMA = {
+    "preset": "tiny",
+    "context_length": 64,
+    "n_layer": 4,
+    "n_head": 4,
+    "d_model": 128,
+    "d_ff": 384,
+}
+
 RECIPES: dict[str, dict[str, Any]] = {
     # FLOWROLL programs in about two minutes of a 2-core CPU. Muon with a stable lr and a
     # linear decay over the last 40% of the steps, and two blocks instead of the tiny
@@ -56,14 +67,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # MLP, trained 3x hotter for fewer steps; val loss 1.88 in well under two minutes on a
     # 2-core laptop (BENCHMARKS.md).
     "shakespeare-char-fast": {
-        "model": {
-            "preset": "tiny",
-            "context_length": 64,
-            "n_layer": 4,
-            "n_head": 4,
-            "d_model": 128,
-            "d_ff": 384,
-        },
+        "model": dict(_CHAR_LLAMA),
         "train": {
             "max_steps": 1100,
             "micro_batch_size": 12,
@@ -79,17 +83,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # The least wall clock to the reference's final val loss (1.886 on the last 10% of the
     # text) on a 2-core CPU: Muon, a 10-step warmup, a stable lr then a linear decay over
-    # the second half (wsd), and two blocks, whose steps cost half of four. About 20 s
-    # against the reference's ~110 s (BENCHMARKS.md; docs/training.md says why).
+    # the second half (wsd), and two blocks instead of four. 21-30 s to that loss where the
+    # reference recipe took 120-165 s in the same benchmark runs (BENCHMARKS.md;
+    # docs/training.md says why).
     "shakespeare-char-speedrun": {
-        "model": {
-            "preset": "tiny",
-            "context_length": 64,
-            "n_layer": 2,
-            "n_head": 4,
-            "d_model": 128,
-            "d_ff": 384,
-        },
+        "model": {**_CHAR_LLAMA, "n_layer": 2},
         "train": {
             "max_steps": 350,
             "micro_batch_size": 12,

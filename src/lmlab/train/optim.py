@@ -107,7 +107,8 @@ class Muon(torch.optim.Muon):
             # The matrices of one shape are orthogonalised together, as one stack: the
             # same iteration for each, in a few batched matmuls rather than a few small
             # matmuls per matrix (the blocks repeat a handful of shapes). On the project's
-            # CPU this halves a Muon step of the 4x128 char model (tests: the same numbers).
+            # CPU a Muon step of the 4x128 char model went from 40 to 29 ms (tests: the same
+            # numbers).
             by_shape: dict[torch.Size, list[int]] = {}
             for i, u in enumerate(updates):
                 by_shape.setdefault(u.shape, []).append(i)
