@@ -8,10 +8,14 @@ runs, so `lmlab --help` stays fast (no torch import).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from lmlab.errors import UserError
 
@@ -84,6 +88,38 @@ def command_module(name: str) -> str:
     return f"lmlab.commands.{name}"
 
 
+def _interrupted_status() -> int:
+    """The exit status after a Ctrl-C: 130, but 0 in a worker of `--nproc K` (which leaves
+    the status to its launcher; torchrun would otherwise report a failed worker)."""
+    return 0 if os.environ.get("LMLAB_LAUNCHED") == "1" else 130
+
+
+@contextlib.contextmanager
+def _ctrl_c_leaves_at_once(name: str) -> Iterator[None]:
+    """While a command's modules import (torch among them), Ctrl-C ends the process at once.
+
+    Nothing is on disk yet. A KeyboardInterrupt raised there is not safe: torch's C start-up
+    imports numpy and, when that import fails, swallows the error and goes on, so the command
+    either ran on with a half-imported numpy (a traceback later) or ignored the Ctrl-C.
+    """
+    ours = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if not ours:  # Ctrl-C ignored (a background job), or someone else's handler: leave it
+        yield
+        return
+
+    def leave(signum, frame):
+        os.write(2, f"lmlab {name}: interrupted\n".encode())
+        os._exit(_interrupted_status())
+
+    signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lmlab` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -100,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmlab: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     try:
-        code = importlib.import_module(command_module(name)).main(rest)
+        with _ctrl_c_leaves_at_once(name):
+            command = importlib.import_module(command_module(name))
+        code = command.main(rest)
     except UserError as e:
         print(f"lmlab {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -116,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except KeyboardInterrupt:
         print(f"lmlab {name}: interrupted", file=sys.stderr)
-        # A worker of `--nproc K` leaves the exit status to its launcher (torchrun would
-        # otherwise report a failed worker).
-        code = 0 if os.environ.get("LMLAB_LAUNCHED") == "1" else 130
+        code = _interrupted_status()
         # A Ctrl-C that interrupted an import inside C code (torch's) makes CPython end the
         # process by SIGINT at exit, whatever sys.exit said: leave with the status now.
         sys.stdout.flush()

@@ -14,9 +14,47 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.posix]
+pytestmark = pytest.mark.posix
+
+# A command module whose import gets a Ctrl-C and swallows the KeyboardInterrupt, as torch's
+# C start-up does when the numpy it imports is interrupted (then it goes on without numpy).
+SWALLOWING_MODULE = """
+import os, signal, time
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    pass
+
+def main(argv):
+    print("the command ran")
+    return 0
+"""
+
+CALLER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from lmlab import cli
+cli.COMMANDS["swallows"] = "a command whose import swallows Ctrl-C"
+cli.command_module = lambda name: "swallowing_module"
+cli.main(["swallows"])
+"""
 
 
+def test_ctrl_c_while_a_command_imports_ends_it_even_if_a_library_swallows_it(tmp_path: Path):
+    (tmp_path / "swallowing_module.py").write_text(SWALLOWING_MODULE)
+    job = subprocess.run(
+        [sys.executable, "-c", CALLER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "the command ran" not in job.stdout
+    assert job.returncode == 130, (job.returncode, job.stdout, job.stderr)
+    assert job.stderr == "lmlab swallows: interrupted\n"
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_start_up_never_gives_a_traceback(flowroll_data: Path, tmp_path: Path):
     rng = random.Random(6)
     for attempt in range(12):
