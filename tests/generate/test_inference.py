@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.generate.inference import column_major_linears, fused_projections, inference_weights
+from lmlab.generate.inference import (
+    column_major_linears,
+    fused_projections,
+    inference_weights,
+    onednn_linear_available,
+    packed_linears,
+)
 from lmlab.generate.sampling import generate
 from lmlab.model.build import build_model
 from lmlab.model.config import ModelConfig
@@ -47,19 +53,26 @@ def assert_put_back(model, before: dict[str, torch.Tensor]) -> None:
 def test_layouts_give_the_plain_logits(overrides, several_rows):
     model = tiny_model("llama", **overrides)
     before = snapshot(model)
+    tied = bool(overrides.get("tie_embeddings"))
     with torch.no_grad():
         reference, _ = model(IDX)
         with inference_weights(model, several_rows):
             attn = model.blocks[0].attn
             assert attn.fused_qkv is not None and model.blocks[0].mlp.fused_gate_up is not None
-            # The Linear weights are views of the stacked matrix: nothing is held twice.
-            weight = attn.fused_qkv[0]
-            assert (
-                attn.q_proj.weight.untyped_storage().data_ptr()
-                == weight.untyped_storage().data_ptr()
-            )
-            assert weight.t().is_contiguous()  # column-major on the CPU, one row or several
-            assert model.lm_head.weight.t().is_contiguous()
+            if several_rows and onednn_linear_available(torch.float32):
+                # Packed oneDNN weights; the dense ones released, but the tied output layer
+                # is also the embedding, which reads it.
+                assert attn.q_proj.weight.numel() == 0 and attn.o_proj.weight.numel() == 0
+                assert (model.lm_head.weight.numel() > 0) == tied
+            else:
+                # The Linear weights are views of the stacked matrix: nothing is held twice.
+                weight = attn.fused_qkv.args[0]
+                assert (
+                    attn.q_proj.weight.untyped_storage().data_ptr()
+                    == weight.untyped_storage().data_ptr()
+                )
+                assert weight.t().is_contiguous()  # column-major on the CPU
+                assert model.lm_head.weight.t().is_contiguous()
             laid_out, _ = model(IDX)
     torch.testing.assert_close(laid_out, reference, atol=1e-5, rtol=0)
     assert_put_back(model, before)
@@ -111,3 +124,52 @@ def test_column_major_weights_for_both_families():
                 laid_out, _ = model(IDX)
         torch.testing.assert_close(laid_out, reference, atol=1e-5, rtol=0)
         assert_put_back(model, before)
+
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_linear_available(torch.float32), reason="this torch build has no oneDNN"
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_packed_weights_give_the_plain_logits_and_come_back_bit_for_bit(family, tie):
+    model = tiny_model(family, tie_embeddings=tie, bias=True)
+    before = snapshot(model)
+    with torch.no_grad():
+        reference, _ = model(IDX)
+        with packed_linears(model):
+            released = [n for n, p in model.named_parameters() if p.numel() == 0]
+            assert released and all(n.endswith("weight") for n in released)
+            # A tied output layer is the embedding too, which reads it: kept.
+            assert "tok_emb.weight" not in released
+            assert ("lm_head.weight" in released) == (not tie)
+            laid_out, _ = model(IDX)
+            one_row, _ = model(IDX[:1, :1])
+        plain_one_row, _ = model(IDX[:1, :1])
+    torch.testing.assert_close(laid_out, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one_row, plain_one_row, atol=1e-5, rtol=0)
+    assert_put_back(model, before)
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+@needs_onednn
+def test_packed_weights_leave_lora_layers_to_their_own_forward():
+    model = tiny_model("llama")
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=("q_proj", "down_proj")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    before = snapshot(model)
+    with torch.no_grad():
+        reference, _ = model(IDX)
+        with packed_linears(model):
+            block = model.blocks[0]
+            assert block.attn.fused_qkv is None  # q is wrapped: k and v are packed alone
+            assert block.attn.q_proj.base.weight.numel() > 0  # read by the LoRA wrapper
+            assert block.attn.k_proj.weight.numel() == 0
+            laid_out, _ = model(IDX)
+    torch.testing.assert_close(laid_out, reference, atol=1e-5, rtol=0)
+    assert_put_back(model, before)

@@ -1,8 +1,8 @@
 """Weights laid out for generation: the same values, fewer and faster matmuls.
 
 Decoding runs the whole model for one new token per row, so on a CPU each step is dozens
-of small matrix products whose fixed costs add up. Two layouts help, both undone when
-generation ends (also on error), both memory-neutral, neither changing a value:
+of small matrix products whose fixed costs add up. Three layouts help, all undone when
+generation ends (also on error), none changing a weight's value:
 
 - `fused_projections`: a LLaMA layer's q, k and v weights become row blocks of one
   stacked matrix (gate and up likewise), so one matmul computes all three and q and k
@@ -11,15 +11,21 @@ generation ends (also on error), both memory-neutral, neither changing a value:
   wrapped by LoRA or quantized are left as they are.
 - `column_major_linears`: on the CPU, MKL multiplies by an (out, in) weight faster when it
   is stored column-major, i.e. as the transpose of an (in, out) contiguous matrix. With
-  several rows per step about twice as fast (8 rows x 384 -> 8192: 0.70 ms row-major, 0.32
-  ms column-major). With one row it depends on the CPU: the same on the project's earlier
-  VM, but 2.5x faster on its AMD EPYC one for a wide output layer (1 x 384 -> 8192: 1.09
-  ms row-major, 0.44 ms column-major), so CPU weights are laid out column-major for any
-  number of rows. A long prefill runs about the same either way.
+  one row it depends on the CPU: the same on the project's earlier VM, but 2.5x faster on
+  its AMD EPYC one for a wide output layer (1 x 384 -> 8192: 1.09 ms row-major, 0.44 ms
+  column-major), so CPU weights are laid out column-major for one row per step.
+- `packed_linears`, for several rows per step of a float32 model on the CPU: every plain
+  nn.Linear (LLaMA's q/k/v and gate/up stacked first) multiplies through oneDNN with its
+  weight reordered into oneDNN's blocked layout, the path `torch.compile` takes for CPU
+  inference. MKL ran these few-row products on one of the two cores, and slowly on the
+  AMD EPYC VM (8 x 384 -> 8192: 2.09 ms column-major MKL, 0.94 ms packed oneDNN); oneDNN
+  used both. The dense weights are released meanwhile and rebuilt, bit for bit, from the
+  packed ones afterwards, so memory does not double. With one row per step oneDNN was no
+  faster than column-major MKL there, so one row keeps the MKL layout.
 
 Measured on this project's 2-core CPU, ~15M-parameter LLaMA, 256 new tokens: fused
 projections +16% tokens/s at batch 1; column-major weights +20% at batch 8, and +23% at
-batch 1 on the AMD EPYC VM
+batch 1 on the AMD EPYC VM; packed oneDNN weights at batch 8 +40% on the AMD EPYC VM
 (benchmarks/generate_speed.py; BENCHMARKS.md). Tests compare every layout with the plain
 model (tests/generate/test_inference.py).
 """
@@ -27,25 +33,51 @@ model (tests/generate/test_inference.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmlab.model.llama import MLP, Attention
+from lmlab.model.lora import LoRALinear
 
 
 @contextlib.contextmanager
 def inference_weights(model: nn.Module, several_rows: bool) -> Iterator[None]:
-    """Both layouts for a generation of one row (False) or several rows per step (True):
-    column-major weights for several rows, and on the CPU for one row too."""
+    """The layouts for a generation of one row (False) or several rows per step (True):
+    packed oneDNN weights for several rows of a float32 CPU model, otherwise stacked
+    projections, column-major for several rows and on the CPU for one row too."""
     param = next(model.parameters(), None)
-    column_major = several_rows or (param is not None and param.device.type == "cpu")
+    cpu = param is not None and param.device.type == "cpu"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fused_projections(model, column_major=column_major))
-        if column_major:
-            stack.enter_context(column_major_linears(model))
+        if several_rows and cpu and onednn_linear_available(param.dtype):
+            stack.enter_context(packed_linears(model))
+        else:
+            column_major = several_rows or cpu
+            stack.enter_context(fused_projections(model, column_major=column_major))
+            if column_major:
+                stack.enter_context(column_major_linears(model))
         yield
+
+
+def _fusable(model: nn.Module) -> Iterator[tuple[nn.Module, str, tuple[nn.Linear, ...]]]:
+    """(module, attribute, parts) for each LLaMA projection group whose parts are plain
+    nn.Linear layers (LoRA-wrapped or quantized ones keep their own forward)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            name, parts = "fused_qkv", (module.q_proj, module.k_proj, module.v_proj)
+        elif isinstance(module, MLP):
+            name, parts = "fused_gate_up", (module.gate_proj, module.up_proj)
+        else:
+            continue
+        if all(type(p) is nn.Linear for p in parts):
+            yield module, name, parts
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, bias)
 
 
 @contextlib.contextmanager
@@ -55,15 +87,7 @@ def fused_projections(model: nn.Module, column_major: bool = False) -> Iterator[
     # Ordinary tensors even when entered inside inference mode: the weights outlive it.
     no_inference = torch.inference_mode(False)
     try:
-        for module in model.modules():
-            if isinstance(module, Attention):
-                name, parts = "fused_qkv", (module.q_proj, module.k_proj, module.v_proj)
-            elif isinstance(module, MLP):
-                name, parts = "fused_gate_up", (module.gate_proj, module.up_proj)
-            else:
-                continue
-            if not all(type(p) is nn.Linear for p in parts):
-                continue  # LoRA-wrapped or quantized: its own forward
+        for module, name, parts in _fusable(model):
             with no_inference, torch.no_grad():
                 weight = torch.cat([p.weight for p in parts])  # (sum of outs, in)
                 if column_major:
@@ -79,7 +103,7 @@ def fused_projections(model: nn.Module, column_major: bool = False) -> Iterator[
                 if bias is not None:
                     p.bias.data = bias[start : start + rows]
                 start += rows
-            setattr(module, name, (weight, bias))
+            setattr(module, name, functools.partial(_linear, weight, bias))
         yield
     finally:
         with no_inference:
@@ -109,3 +133,79 @@ def column_major_linears(model: nn.Module) -> Iterator[None]:
         with torch.inference_mode(False):
             for w in weights.values():
                 w.data = w.data.contiguous()
+
+
+def onednn_linear_available(dtype: torch.dtype) -> bool:
+    """Whether this torch build multiplies float32 by packed oneDNN weights (CPU builds
+    with MKL-DNN, which are the usual x86 and ARM wheels)."""
+    return (
+        dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module) -> Iterator[None]:
+    """Multiply by packed oneDNN weights inside the block (see the module docstring).
+
+    Every plain nn.Linear of the model is packed (LLaMA's projection groups stacked
+    first), except those inside a LoRA wrapper, which reads its matrices itself. A dense
+    weight no other module uses is released meanwhile; a tied one (the output layer that
+    is also the embedding) stays, as the embedding reads it.
+    """
+    wrapped = {id(m) for w in model.modules() if isinstance(w, LoRALinear) for m in w.modules()}
+    users: dict[int, int] = {}  # weight -> how many modules hold it
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            users[id(w)] = users.get(id(w), 0) + 1
+    groups: list[tuple[nn.Module, str | None, tuple[nn.Linear, ...]]] = list(_fusable(model))
+    skip = wrapped | {id(p) for _, _, parts in groups for p in parts}
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module) not in skip:
+            groups.append((module, None, (module,)))
+
+    done: list[tuple[nn.Module, str | None, tuple[nn.Linear, ...], torch.Tensor, list]] = []
+    no_inference = torch.inference_mode(False)  # as in fused_projections
+    try:
+        for module, name, parts in groups:
+            with no_inference, torch.no_grad():
+                weight = torch.cat([p.weight for p in parts]) if len(parts) > 1 else parts[0].weight
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+                bias = parts[0].bias
+                if bias is not None and len(parts) > 1:
+                    bias = torch.cat([p.bias for p in parts])
+            forward = functools.partial(_packed_linear, packed, bias)
+            released: list[nn.Linear] = []
+            done.append((module, name, parts, packed, released))
+            if name is None:
+                module.forward = forward  # an instance attribute: the class's forward is kept
+            else:
+                setattr(module, name, forward)
+            for p in parts:
+                if users[id(p.weight)] == 1:
+                    p.weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+                    released.append(p)
+        yield
+    finally:
+        with no_inference:
+            for module, name, parts, packed, released in done:
+                if name is None:
+                    del module.forward
+                else:
+                    setattr(module, name, None)
+                if released:
+                    dense = packed.to_dense()  # the stacked weight, as it was
+                    start = 0
+                    for p in parts:
+                        rows = p.out_features
+                        if p in released:
+                            p.weight.data = dense[start : start + rows].clone()
+                        start += rows

@@ -19,6 +19,7 @@ Conventions shared with gpt2.py:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,9 +102,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, d_kv, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        """Generation only (lmlab.generate.inference): q, k, v weights (and biases) stacked,
-        so that one matmul computes all three. Not a parameter: never saved or trained."""
+        self.fused_qkv: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Generation only (lmlab.generate.inference): x -> q, k and v side by side, one
+        matmul by the three weights stacked. Holds no parameter: never saved or trained."""
 
     def forward(
         self,
@@ -122,7 +123,7 @@ class Attention(nn.Module):
             # q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, T, head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # values carry no position
         else:  # the same, with one matmul and one rotation
-            qkv = F.linear(x, *self.fused_qkv).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            qkv = self.fused_qkv(x).view(B, T, H + 2 * KV, D).transpose(1, 2)
             qk = apply_rope(qkv[:, : H + KV], cos, sin)  # (B, H + KV, T, head_dim)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         if kv_cache is not None:
@@ -144,14 +145,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        """Generation only, as Attention.fused_qkv: gate and up weights stacked."""
+        self.fused_gate_up: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Generation only, as Attention.fused_qkv: x -> gate and up side by side."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up is None:
             gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, d_ff) each
         else:
-            gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
         return self.dropout(self.down_proj(F.silu(gate) * up))  # (B, T, d_model)
 
 
