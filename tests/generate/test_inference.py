@@ -3,6 +3,8 @@ values, own contiguous storage, ordinary (trainable) tensors, also after an erro
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -12,11 +14,16 @@ from lmlab.generate.inference import (
     inference_weights,
     onednn_linear_available,
     packed_linears,
+    split_linears,
 )
 from lmlab.generate.sampling import generate
 from lmlab.model.build import build_model
 from lmlab.model.config import ModelConfig
 from lmlab.model.lora import LoRAConfig, apply_lora
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_linear_available(torch.float32), reason="this torch build has no oneDNN"
+)
 
 IDX = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]])
 
@@ -54,30 +61,48 @@ def test_layouts_give_the_plain_logits(overrides, several_rows):
     model = tiny_model("llama", **overrides)
     before = snapshot(model)
     tied = bool(overrides.get("tie_embeddings"))
+    relaid = (several_rows and onednn_linear_available(torch.float32)) or (
+        not several_rows and torch.get_num_threads() > 1
+    )
     with torch.no_grad():
         reference, _ = model(IDX)
         with inference_weights(model, several_rows):
             attn = model.blocks[0].attn
             assert attn.fused_qkv is not None and model.blocks[0].mlp.fused_gate_up is not None
-            if several_rows and onednn_linear_available(torch.float32):
-                # Packed oneDNN weights; the dense ones released, but the tied output layer
-                # is also the embedding, which reads it.
+            if relaid:  # packed (several rows) or split (one row): the dense weights released,
+                # but the tied output layer is also the embedding, which reads it
                 assert attn.q_proj.weight.numel() == 0 and attn.o_proj.weight.numel() == 0
                 assert (model.lm_head.weight.numel() > 0) == tied
-            else:
-                # The Linear weights are views of the stacked matrix: nothing is held twice.
-                weight = attn.fused_qkv.args[0]
-                assert (
-                    attn.q_proj.weight.untyped_storage().data_ptr()
-                    == weight.untyped_storage().data_ptr()
-                )
-                assert weight.t().is_contiguous()  # column-major on the CPU
+            else:  # stacked, column-major
+                assert attn.fused_qkv.args[0].t().is_contiguous()
                 assert model.lm_head.weight.t().is_contiguous()
             laid_out, _ = model(IDX)
     torch.testing.assert_close(laid_out, reference, atol=1e-5, rtol=0)
     assert_put_back(model, before)
-    if overrides.get("tie_embeddings"):
+    if tied:
         assert model.lm_head.weight is model.tok_emb.weight
+
+
+def test_stacked_projections_are_views_of_one_column_major_matrix():
+    model = tiny_model("llama", bias=True)
+    before = snapshot(model)
+    with torch.no_grad():
+        reference, _ = model(IDX)
+        with fused_projections(model, column_major=True), column_major_linears(model):
+            attn = model.blocks[0].attn
+            weight, bias = attn.fused_qkv.args
+            # The Linear weights are views of the stacked matrix: nothing is held twice.
+            assert (
+                attn.q_proj.weight.untyped_storage().data_ptr()
+                == weight.untyped_storage().data_ptr()
+            )
+            assert (
+                attn.v_proj.bias.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
+            )
+            assert weight.t().is_contiguous() and model.lm_head.weight.t().is_contiguous()
+            laid_out, _ = model(IDX)
+    torch.testing.assert_close(laid_out, reference, atol=1e-5, rtol=0)
+    assert_put_back(model, before)
 
 
 def test_put_back_after_an_error_and_trainable_after_streaming():
@@ -126,20 +151,24 @@ def test_column_major_weights_for_both_families():
         assert_put_back(model, before)
 
 
-needs_onednn = pytest.mark.skipif(
-    not onednn_linear_available(torch.float32), reason="this torch build has no oneDNN"
-)
+# Layouts whose layers multiply by their own copy of the weights. Split in 4, the output
+# layer (61 rows) does not divide and stays in one block.
+RELAID = {
+    "packed": pytest.param(packed_linears, marks=needs_onednn),
+    "split-2": functools.partial(split_linears, parts=2),
+    "split-4": functools.partial(split_linears, parts=4),
+}
 
 
-@needs_onednn
+@pytest.mark.parametrize("layout", RELAID.values(), ids=RELAID.keys())
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("tie", [False, True])
-def test_packed_weights_give_the_plain_logits_and_come_back_bit_for_bit(family, tie):
+def test_relaid_weights_give_the_plain_logits_and_come_back_bit_for_bit(layout, family, tie):
     model = tiny_model(family, tie_embeddings=tie, bias=True)
     before = snapshot(model)
     with torch.no_grad():
         reference, _ = model(IDX)
-        with packed_linears(model):
+        with layout(model):
             released = [n for n, p in model.named_parameters() if p.numel() == 0]
             assert released and all(n.endswith("weight") for n in released)
             # A tied output layer is the embedding too, which reads it: kept.
@@ -154,8 +183,8 @@ def test_packed_weights_give_the_plain_logits_and_come_back_bit_for_bit(family, 
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-@needs_onednn
-def test_packed_weights_leave_lora_layers_to_their_own_forward():
+@pytest.mark.parametrize("layout", RELAID.values(), ids=RELAID.keys())
+def test_relaid_weights_leave_lora_layers_to_their_own_forward(layout):
     model = tiny_model("llama")
     apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=("q_proj", "down_proj")))
     with torch.no_grad():
@@ -165,7 +194,7 @@ def test_packed_weights_leave_lora_layers_to_their_own_forward():
     before = snapshot(model)
     with torch.no_grad():
         reference, _ = model(IDX)
-        with packed_linears(model):
+        with layout(model):
             block = model.blocks[0]
             assert block.attn.fused_qkv is None  # q is wrapped: k and v are packed alone
             assert block.attn.q_proj.base.weight.numel() > 0  # read by the LoRA wrapper

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,12 @@ def inference_weights(model: nn.Module, several_rows: bool) -> Iterator[None]:
     projections, column-major for several rows and on the CPU for one row too."""
     param = next(model.parameters(), None)
     cpu = param is not None and param.device.type == "cpu"
+    threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
         if several_rows and cpu and onednn_linear_available(param.dtype):
             stack.enter_context(packed_linears(model))
+        elif not several_rows and cpu and param.dtype == torch.float32 and threads > 1:
+            stack.enter_context(split_linears(model, threads))
         else:
             column_major = several_rows or cpu
             stack.enter_context(fused_projections(model, column_major=column_major))
@@ -153,12 +156,65 @@ def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Ten
 
 @contextlib.contextmanager
 def packed_linears(model: nn.Module) -> Iterator[None]:
-    """Multiply by packed oneDNN weights inside the block (see the module docstring).
+    """Multiply by packed oneDNN weights inside the block (see the module docstring)."""
+    with _relaid_linears(
+        model,
+        lay_out=lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous()),
+        multiply=_packed_linear,
+        dense=lambda packed: packed.to_dense(),
+    ):
+        yield
 
-    Every plain nn.Linear of the model is packed (LLaMA's projection groups stacked
-    first), except those inside a LoRA wrapper, which reads its matrices itself. A dense
-    weight no other module uses is released meanwhile; a tied one (the output layer that
-    is also the embedding) stays, as the embedding reads it.
+
+def _split_linear(split: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
+    """x @ W^T (+ bias) with W's output rows in P blocks, split (P, in, out / P): one
+    batched product whose P items run on P threads."""
+    P, d_in, block = split.shape
+    rows = x.reshape(-1, d_in)  # (N, in)
+    y = torch.bmm(rows.expand(P, -1, -1), split)  # (P, N, out / P)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], P * block)  # blocks side by side: (..., out)
+    return y if bias is None else y + bias
+
+
+def _split(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """(out, in) -> (P, in, out / P): block p holds output rows p*out/P .. (p+1)*out/P,
+    transposed; one block (column-major, the same values) when out does not divide."""
+    out, d_in = weight.shape
+    parts = parts if out % parts == 0 else 1
+    return weight.reshape(parts, out // parts, d_in).transpose(1, 2).contiguous()
+
+
+def _unsplit(split: torch.Tensor) -> torch.Tensor:
+    parts, d_in, block = split.shape
+    return split.transpose(1, 2).reshape(parts * block, d_in)
+
+
+@contextlib.contextmanager
+def split_linears(model: nn.Module, parts: int) -> Iterator[None]:
+    """Multiply by weights split into `parts` blocks of output rows inside the block (see
+    the module docstring)."""
+    with _relaid_linears(
+        model, lay_out=lambda w: _split(w, parts), multiply=_split_linear, dense=_unsplit
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _relaid_linears(
+    model: nn.Module,
+    lay_out: Callable[[torch.Tensor], torch.Tensor],
+    multiply: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor],
+    dense: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[None]:
+    """Every plain nn.Linear multiplies by its weight in another layout inside the block.
+
+    `lay_out(weight)` makes the new layout, `multiply(laid_out, bias, x)` computes the layer
+    with it and `dense(laid_out)` gives the (out, in) weight back, exactly. LLaMA's
+    projection groups are stacked first (one matmul each). Linear layers inside a LoRA
+    wrapper keep their own forward: the wrapper reads their matrices itself. A dense
+    weight no other module uses is released meanwhile and rebuilt afterwards, so memory
+    does not double; a tied one (the output layer that is also the embedding) stays, as
+    the embedding reads it.
     """
     wrapped = {id(m) for w in model.modules() if isinstance(w, LoRALinear) for m in w.modules()}
     users: dict[int, int] = {}  # weight -> how many modules hold it
@@ -178,13 +234,13 @@ def packed_linears(model: nn.Module) -> Iterator[None]:
         for module, name, parts in groups:
             with no_inference, torch.no_grad():
                 weight = torch.cat([p.weight for p in parts]) if len(parts) > 1 else parts[0].weight
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+                laid_out = lay_out(weight)
                 bias = parts[0].bias
                 if bias is not None and len(parts) > 1:
                     bias = torch.cat([p.bias for p in parts])
-            forward = functools.partial(_packed_linear, packed, bias)
+            forward = functools.partial(multiply, laid_out, bias)
             released: list[nn.Linear] = []
-            done.append((module, name, parts, packed, released))
+            done.append((module, name, parts, laid_out, released))
             if name is None:
                 module.forward = forward  # an instance attribute: the class's forward is kept
             else:
@@ -196,16 +252,17 @@ def packed_linears(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         with no_inference:
-            for module, name, parts, packed, released in done:
+            for module, name, parts, laid_out, released in done:
                 if name is None:
                     del module.forward
                 else:
                     setattr(module, name, None)
                 if released:
-                    dense = packed.to_dense()  # the stacked weight, as it was
+                    weight = dense(laid_out)  # the (stacked) weight, as it was
                     start = 0
                     for p in parts:
                         rows = p.out_features
                         if p in released:
-                            p.weight.data = dense[start : start + rows].clone()
+                            own = weight[start : start + rows]
+                            p.weight.data = own.clone(memory_format=torch.contiguous_format)
                         start += rows
