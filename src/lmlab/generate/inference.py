@@ -1,7 +1,7 @@
 """Weights laid out for generation: the same values, fewer and faster matmuls.
 
 Decoding runs the whole model for one new token per row, so on a CPU each step is dozens
-of small matrix products whose fixed costs add up. Three layouts help, all undone when
+of small matrix products whose fixed costs add up. These layouts help, all undone when
 generation ends (also on error), none changing a weight's value:
 
 - `fused_projections`: a LLaMA layer's q, k and v weights become row blocks of one
@@ -10,24 +10,30 @@ generation ends (also on error), none changing a weight's value:
   become views into the stacked matrix meanwhile, so nothing is held twice. Layers
   wrapped by LoRA or quantized are left as they are.
 - `column_major_linears`: on the CPU, MKL multiplies by an (out, in) weight faster when it
-  is stored column-major, i.e. as the transpose of an (in, out) contiguous matrix. With
-  one row it depends on the CPU: the same on the project's earlier VM, but 2.5x faster on
-  its AMD EPYC one for a wide output layer (1 x 384 -> 8192: 1.09 ms row-major, 0.44 ms
-  column-major), so CPU weights are laid out column-major for one row per step.
+  is stored column-major, i.e. as the transpose of an (in, out) contiguous matrix (1 x 384
+  -> 8192 on the project's AMD EPYC VM: 1.09 ms row-major, 0.44 ms column-major). Used
+  where the two layouts below are not: a CPU model in another dtype than float32, or a
+  single thread.
 - `packed_linears`, for several rows per step of a float32 model on the CPU: every plain
-  nn.Linear (LLaMA's q/k/v and gate/up stacked first) multiplies through oneDNN with its
-  weight reordered into oneDNN's blocked layout, the path `torch.compile` takes for CPU
-  inference. MKL ran these few-row products on one of the two cores, and slowly on the
-  AMD EPYC VM (8 x 384 -> 8192: 2.09 ms column-major MKL, 0.94 ms packed oneDNN); oneDNN
-  used both. The dense weights are released meanwhile and rebuilt, bit for bit, from the
-  packed ones afterwards, so memory does not double. With one row per step oneDNN was no
-  faster than column-major MKL there, so one row keeps the MKL layout.
+  nn.Linear multiplies through oneDNN, its weight reordered into oneDNN's blocked layout
+  (the kernels `torch.compile` uses for CPU inference). MKL ran these few-row products on
+  one of the two cores (8 x 384 -> 8192: 2.09 ms with 2 threads, 2.41 ms with 1); oneDNN
+  uses both (0.94 ms).
+- `split_linears`, for one row per step, same conditions: each weight's output rows are
+  cut into one block per thread, stored (threads, in, out / threads), and one batched
+  product computes all blocks, a thread each (1 x 384 -> 8192 in one interleaved run:
+  0.43 ms, against 0.62 ms for column-major MKL, which used one core, and as much for
+  oneDNN).
 
-Measured on this project's 2-core CPU, ~15M-parameter LLaMA, 256 new tokens: fused
-projections +16% tokens/s at batch 1; column-major weights +20% at batch 8, and +23% at
-batch 1 on the AMD EPYC VM; packed oneDNN weights at batch 8 +40% on the AMD EPYC VM
-(benchmarks/generate_speed.py; BENCHMARKS.md). Tests compare every layout with the plain
-model (tests/generate/test_inference.py).
+These two release the dense weights meanwhile and rebuild them bit for bit afterwards,
+so memory does not double; both stack LLaMA's projection groups first.
+
+Measured with benchmarks/generate_speed.py (~15M parameters, 256 new tokens, 2 threads;
+BENCHMARKS.md): fused projections +16% tokens/s at batch 1 (earlier VM); column-major
+weights +20% at batch 8, and +23% at batch 1 on the AMD EPYC VM; there, packed weights
+then took batch 8 from 526 to 790 tokens/s (LLaMA) and split weights batch 1 from 153 to
+175 (LLaMA) and from 155 to 202 (GPT-2). Tests compare every layout with the plain model
+(tests/generate/test_inference.py).
 """
 
 from __future__ import annotations
@@ -46,9 +52,11 @@ from lmlab.model.lora import LoRALinear
 
 @contextlib.contextmanager
 def inference_weights(model: nn.Module, several_rows: bool) -> Iterator[None]:
-    """The layouts for a generation of one row (False) or several rows per step (True):
-    packed oneDNN weights for several rows of a float32 CPU model, otherwise stacked
-    projections, column-major for several rows and on the CPU for one row too."""
+    """The layouts for a generation of one row (False) or several rows per step (True).
+
+    A float32 model on the CPU: packed oneDNN weights for several rows, weights split per
+    thread for one row (with 2+ threads). Otherwise stacked projections, column-major on
+    the CPU and for several rows on other devices."""
     param = next(model.parameters(), None)
     cpu = param is not None and param.device.type == "cpu"
     threads = torch.get_num_threads()
