@@ -6,7 +6,11 @@ a 16-token prompt, greedy, every stop token disabled:
 - lmlab `generate` (the streaming path of `lmlab generate`), batch 1;
 - lmlab `generate_batch` (the path of `lmlab predict`), batch 1 and batch 8;
 - transformers `model.generate` on the model `lmlab.model.hf.to_hf` converts, batch 1
-  and batch 8.
+  and batch 8;
+- lmlab with int8 weights (`--quantize int8`, a copy quantized by
+  `lmlab.model.quant.quantize_linears_int8`), batch 1 and batch 8. Its tokens differ from
+  float32's by design (other weights), so it is left out of the token check; the JSON
+  says whether they agreed.
 
 The runs are interleaved (one of each per round) and the medians reported, so a machine
 that other programs keep busy slows every contender alike; the ratios are what to read.
@@ -20,6 +24,7 @@ Prints one JSON object.  python benchmarks/generate_speed.py [--rounds 5] [--fam
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -33,6 +38,7 @@ from lmlab.generate.sampling import generate
 from lmlab.model.build import build_model
 from lmlab.model.config import ModelConfig
 from lmlab.model.hf import to_hf
+from lmlab.model.quant import quantize_linears_int8
 from lmlab.runs.provenance import source_commit
 
 NEW_TOKENS = 256
@@ -50,15 +56,15 @@ def models(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def contenders(
-    ours: torch.nn.Module, theirs: torch.nn.Module, prompt: list[int]
+    ours: torch.nn.Module, theirs: torch.nn.Module, ours_int8: torch.nn.Module, prompt: list[int]
 ) -> dict[str, tuple[int, Callable[[], list[list[int]]]]]:
     """name -> (batch size, a function returning each row's new tokens)."""
 
-    def lmlab_generate() -> list[list[int]]:
-        return [list(generate(ours, torch.tensor([prompt]), NEW_TOKENS, temperature=0.0))]
+    def lmlab_generate(model: torch.nn.Module) -> Callable[[], list[list[int]]]:
+        return lambda: [list(generate(model, torch.tensor([prompt]), NEW_TOKENS, temperature=0.0))]
 
-    def lmlab_batch(n: int) -> Callable[[], list[list[int]]]:
-        return lambda: generate_batch(ours, [prompt] * n, max_new_tokens=NEW_TOKENS)
+    def lmlab_batch(model: torch.nn.Module, n: int) -> Callable[[], list[list[int]]]:
+        return lambda: generate_batch(model, [prompt] * n, max_new_tokens=NEW_TOKENS)
 
     def transformers(n: int) -> Callable[[], list[list[int]]]:
         def run() -> list[list[int]]:
@@ -75,23 +81,28 @@ def contenders(
         return run
 
     return {
-        "lmlab_generate_b1": (1, lmlab_generate),
-        "lmlab_batch_b1": (1, lmlab_batch(1)),
-        "lmlab_batch_b8": (8, lmlab_batch(8)),
+        "lmlab_generate_b1": (1, lmlab_generate(ours)),
+        "lmlab_batch_b1": (1, lmlab_batch(ours, 1)),
+        "lmlab_batch_b8": (8, lmlab_batch(ours, 8)),
         "transformers_b1": (1, transformers(1)),
         "transformers_b8": (8, transformers(8)),
+        "lmlab_int8_b1": (1, lmlab_generate(ours_int8)),
+        "lmlab_int8_b8": (8, lmlab_batch(ours_int8, 8)),
     }
 
 
 def bench(family: str, rounds: int) -> dict:
     ours, theirs = models(family)
+    ours_int8 = copy.deepcopy(ours)
+    quantize_linears_int8(ours_int8)
     prompt = torch.randint(
         1, SHAPE["vocab_size"], (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(1)
     ).tolist()
-    runs = contenders(ours, theirs, prompt)
+    runs = contenders(ours, theirs, ours_int8, prompt)
     outputs = {name: fn() for name, (_, fn) in runs.items()}  # warm-up, and the check
     reference = outputs["transformers_b1"][0]
     same = {name: all(row == reference for row in rows) for name, rows in outputs.items()}
+    int8_same = {name: same.pop(name) for name in ("lmlab_int8_b1", "lmlab_int8_b8")}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (_, fn) in runs.items():
@@ -105,6 +116,7 @@ def bench(family: str, rounds: int) -> dict:
     return {
         "parameters": sum(p.numel() for p in ours.parameters()),
         "same_tokens_as_transformers": same,
+        "int8_same_tokens_as_transformers": int8_same,
         "tokens_per_s_median": {k: round(v, 1) for k, v in tokens_per_s.items()},
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "ratios": {
@@ -119,6 +131,12 @@ def bench(family: str, rounds: int) -> dict:
             ),
             "lmlab_b8_vs_transformers_b8": round(
                 tokens_per_s["lmlab_batch_b8"] / tokens_per_s["transformers_b8"], 2
+            ),
+            "lmlab_int8_b1_vs_lmlab_b1": round(
+                tokens_per_s["lmlab_int8_b1"] / tokens_per_s["lmlab_generate_b1"], 2
+            ),
+            "lmlab_int8_b8_vs_lmlab_b8": round(
+                tokens_per_s["lmlab_int8_b8"] / tokens_per_s["lmlab_batch_b8"], 2
             ),
         },
     }

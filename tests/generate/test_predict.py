@@ -239,3 +239,30 @@ def test_lmlab_layout_saved_as_a_template_is_applied_as_lmlab_layout(run, tmp_pa
     other = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     (ckpt / "chat_template.jinja").write_text(other)
     assert load_model(copy).chat_template == other
+
+
+def test_int8_weights_through_eval_predict_and_generate(run, tmp_path, capsys):
+    def eval_json(*extra: str) -> dict:
+        assert run_cli(["eval", str(run), "--json", "--batches", "4", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain, int8 = eval_json(), eval_json("--quantize", "int8")
+    assert int8["quantize"] == "int8" and "quantize" not in plain
+    assert int8["val_loss"] != plain["val_loss"]  # the int8 model did run
+    assert abs(int8["val_loss"] - plain["val_loss"]) < 0.02 * plain["val_loss"]
+
+    out = tmp_path / "preds.jsonl"
+    argv = ["predict", str(run), "--input", "dsl:flowroll:6", "--out", str(out)]
+    assert run_cli([*argv, "--max-new-tokens", "12", "--quantize", "int8"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(isinstance(r["prediction"], str) for r in rows)
+    capsys.readouterr()
+
+    prompt = rows[0]["prompt"]
+    argv = ["generate", str(run), "--prompt", prompt, "--temperature", "0"]
+    assert run_cli([*argv, "--max-new-tokens", "8", "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.startswith(prompt)
+    with pytest.raises(SystemExit) as info:  # argparse: one line naming the choices
+        cli_main([*argv, "--quantize", "int4"])
+    assert info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmlab.commands.predict import add_quantize_argument
 from lmlab.errors import UserError
 
 EPILOG = """examples:
@@ -35,13 +36,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=None, help="repeatable replies")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_quantize_argument(parser)
     args = parser.parse_args(argv)
 
     from lmlab.generate.chat import ChatSession, handle_command
     from lmlab.runs.device import select_device
     from lmlab.runs.load import load_model
 
-    loaded = load_model(args.model, select_device(args.device))
+    loaded = load_model(args.model, select_device(args.device), quantize=args.quantize)
     session = ChatSession(
         loaded,
         system=args.system,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.commands.predict import add_quantize_argument
 from lmlab.errors import UserError
 from lmlab.eval.metrics import evaluate_checkpoint
 
@@ -17,6 +18,7 @@ EPILOG = """examples:
   lmlab eval runs/tiny/20261123-101500/checkpoints/step_00001000 --data data/flowroll --json
   lmlab eval runs/tiny/20261123-101500 --task arc_like.jsonl
   lmlab eval exported/tiny --task a.jsonl --task b.jsonl --json --out mc.json
+  lmlab eval runs/tiny/20261123-101500 --quantize int8   # the loss with int8 weights
 
 A --task file is JSONL, one {"context": str, "choices": [str, ...], "label": int} per line
 (the HellaSwag / ARC shape). Each choice is scored by the log-likelihood of its tokens
@@ -43,7 +45,7 @@ def _tasks(args: argparse.Namespace) -> int:
     if len(args.task) > 1 and args.records_out is not None:
         raise UserError("--records-out takes one --task at a time")
     tasks = {name: read_task(name, args.limit) for name in args.task}  # all checked first
-    loaded = load_model(args.checkpoint, select_device(args.device))
+    loaded = load_model(args.checkpoint, select_device(args.device), quantize=args.quantize)
     reports = []
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
@@ -113,6 +115,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_quantize_argument(parser)
     tasks = parser.add_argument_group("multiple-choice tasks")
     tasks.add_argument(
         "--task", action="append", default=[], metavar="FILE.jsonl", help="repeatable"
@@ -137,13 +140,15 @@ def main(argv: list[str]) -> int:
             batches=args.batches,
             batch_size=args.batch_size,
             device=args.device,
+            quantize=args.quantize,
         )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         bpb = result.get("val_bits_per_byte")
         print(
-            f"{result['checkpoint']} on {result['data']} ({args.split}, {result['val_tokens']:,} tokens): "
+            f"{result['checkpoint']}{' (int8)' if args.quantize else ''} on {result['data']} "
+            f"({args.split}, {result['val_tokens']:,} tokens): "
             f"loss {result['val_loss']:.4f} | perplexity {result['val_perplexity']:.2f}"
             + (f" | bits/byte {bpb:.4f}" if bpb is not None else "")
         )

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from lmlab.commands.predict import add_quantize_argument
 from lmlab.errors import UserError
 from lmlab.generate.text import generate_text
 from lmlab.runs.device import select_device
@@ -20,7 +21,8 @@ def main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         '  lmlab generate runs/quickstart/20261123-101500 --prompt "[3 1 2] | sort =>" --temperature 0\n'
-        '  lmlab generate runs/shakespeare/20261123-101500 --prompt "ROMEO:" --max-new-tokens 300 --top-k 40 --seed 1',
+        '  lmlab generate runs/shakespeare/20261123-101500 --prompt "ROMEO:" --max-new-tokens 300 --top-k 40 --seed 1\n'
+        '  lmlab generate runs/shakespeare/20261123-101500 --prompt "ROMEO:" --quantize int8',
     )
     parser.add_argument("checkpoint", metavar="RUN_DIR|CKPT")
     parser.add_argument(
@@ -35,8 +37,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--no-stop", action="store_true", help="keep going past the end-of-document token"
     )
+    add_quantize_argument(parser)
     args = parser.parse_args(argv)
-    model, tokenizer, _, _ = build_from_checkpoint(args.checkpoint, select_device(args.device))
+    model, tokenizer, _, _ = build_from_checkpoint(
+        args.checkpoint, select_device(args.device), quantize=args.quantize
+    )
     unknown = tokenizer.unknown_characters(args.prompt)
     if unknown:  # the model would read <|unk|> for each: not the prompt the user wrote
         shown = " ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")

@@ -39,6 +39,19 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quantize int8`, which generate, predict, chat and eval share."""
+    from lmlab.model.config import QUANTIZATIONS
+
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="int8: weight-only int8 linear layers, a quarter of the bytes read per token "
+        "(faster on a CPU; outputs change slightly)",
+    )
+
+
 def predict_options(args: argparse.Namespace):
     """PredictOptions from the arguments add_generation_arguments added, checked."""
     from lmlab.generate.predict import PredictOptions
@@ -72,6 +85,7 @@ def main(argv: list[str]) -> int:
     add_generation_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N records")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_quantize_argument(parser)
     args = parser.parse_args(argv)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -88,7 +102,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"{out} exists: choose another --out, or pass --overwrite")
     options = predict_options(args)
     records = read_inputs(args.input, args.limit)
-    loaded = load_model(args.model, select_device(args.device))
+    loaded = load_model(args.model, select_device(args.device), quantize=args.quantize)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task("predicting", total=len(records))

@@ -75,10 +75,12 @@ def evaluate_checkpoint(
     batches: int = 0,
     batch_size: int | None = None,
     device: str = "auto",
+    quantize: str | None = None,
 ) -> dict:
-    """Evaluate a run folder or checkpoint on a data directory (default: the run's own data)."""
+    """Evaluate a run folder or checkpoint on a data directory (default: the run's own data);
+    `quantize="int8"` evaluates the model with int8 linear layers."""
     torch_device = select_device(device)
-    model, tokenizer, cfg, path = build_from_checkpoint(checkpoint, torch_device)
+    model, tokenizer, cfg, path = build_from_checkpoint(checkpoint, torch_device, quantize=quantize)
     data = data or cfg.data.path
     manifest = load_manifest(data)
     data_tok = load_tokenizer(Path(data) / manifest["tokenizer"]["file"])
@@ -99,4 +101,5 @@ def evaluate_checkpoint(
         device=torch_device,
         bytes_per_token=bytes_per_token(manifest, split),
     )
-    return {"checkpoint": str(path), "data": str(data), "split": split, **result}
+    quantized = {"quantize": quantize} if quantize else {}
+    return {"checkpoint": str(path), "data": str(data), "split": split, **quantized, **result}

@@ -21,6 +21,8 @@ Family = Literal["gpt2", "llama", "moe"]
 FAMILIES: tuple[str, ...] = typing.get_args(Family)
 Gelu = Literal["tanh", "exact"]
 GELUS: tuple[str, ...] = typing.get_args(Gelu)
+# `--quantize` of the inference commands (lmlab.model.quant.quantize_for_inference)
+QUANTIZATIONS: tuple[str, ...] = ("int8",)
 
 
 def default_d_ff(family: str, d_model: int, ffn_multiple_of: int) -> int:

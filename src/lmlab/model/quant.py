@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.errors import UserError
+from lmlab.model.config import QUANTIZATIONS
 from lmlab.model.lora import lora_modules
 
 BLOCK_SIZE = 64  # numbers per absmax scale, as in QLoRA
@@ -181,3 +183,105 @@ def quantize_base(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
             saved += _linear_bytes(module.base) - quantized.weight_bytes()
             module.base = quantized
     return saved
+
+
+# ---- int8 weight-only inference ----------------------------------------------------------
+#
+# For generating and evaluating on a CPU, where a decode step reads every weight from
+# memory: each output row of a weight is divided by its largest magnitude / 127 (one fp32
+# scale per row) and rounded to int8, a quarter of fp32's bytes. Activations stay in
+# floating point; the matmul dequantizes as it goes (PyTorch's native int8 weight kernel
+# on the CPU, `torch.ops.aten._weight_int8pack_mm`, or a plain dequantize + F.linear
+# elsewhere). Inference only: no gradient flows through the int8 weight.
+
+INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight (out, in), fp32 scale per output row (out,)): weight ~ int8 * scale.
+
+    Symmetric, per output channel: a row's largest magnitude maps to 127, so each number
+    is off by at most half a step (scale / 2). An all-zero row gets scale 1 (all zeros).
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)  # (out,)
+    scale = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """An inference-only linear layer with an int8 weight and one fp32 scale per output
+    row: 1 byte per number, plus 4 bytes a row."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_int8(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer computes with, shape (out, in): the plain reference."""
+        return (self.weight_int8.float() * self.scale[:, None]).to(dtype)
+
+    def weight_bytes(self) -> int:
+        return self.weight_int8.numel() + self.scale.numel() * self.scale.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.device.type != "cpu" or x.dtype not in INT8_KERNEL_DTYPES:
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale.to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, int8 per output row"
+        )
+
+
+@torch.no_grad()
+def quantize_linears_int8(model: nn.Module) -> tuple[int, int]:
+    """Replace every plain nn.Linear of `model` by an Int8Linear, for inference.
+
+    A LoRA wrapper's frozen base is quantized too; its small A and B matrices stay (the
+    wrapper reads them directly). An output layer tied to the embedding gets its own int8
+    copy and the embedding keeps its floating-point matrix. Returns (layers quantized,
+    weight bytes saved).
+    """
+    adapters = {id(m) for lora in lora_modules(model).values() for m in (lora.lora_A, lora.lora_B)}
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and id(child) not in adapters
+    ]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    saved = 0
+    for parent, name, linear in targets:
+        quantized = Int8Linear.from_linear(linear)
+        if id(linear.weight) not in embeddings:  # a tied matrix stays, for the embedding
+            saved += _linear_bytes(linear)
+        saved -= quantized.weight_bytes()
+        setattr(parent, name, quantized)
+    return len(targets), saved
+
+
+def quantize_for_inference(model: nn.Module, method: str | None) -> tuple[int, int]:
+    """Apply `--quantize METHOD` (None: nothing) to a model loaded for inference; returns
+    (layers quantized, weight bytes saved)."""
+    if method is None:
+        return 0, 0
+    if method not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {method!r}: choose {', '.join(QUANTIZATIONS)}")
+    return quantize_linears_int8(model)

@@ -14,7 +14,7 @@ from lmlab.data.tokenizer import TextTokenizer, load_tokenizer
 from lmlab.errors import UserError
 from lmlab.model.build import build_model
 from lmlab.model.lora import LoRAConfig, apply_lora
-from lmlab.model.quant import quantize_base
+from lmlab.model.quant import quantize_base, quantize_for_inference
 from lmlab.runs.checkpoint import ADAPTER_FILE, load_adapter, load_weights, resolve_checkpoint
 from lmlab.runs.source import ModelSource, open_source
 
@@ -45,14 +45,18 @@ def open_base(cfg: Config) -> ModelSource:
 
 
 def build_from_checkpoint(
-    spec: str | Path, device: str | torch.device = "cpu", quantized: bool = True
+    spec: str | Path,
+    device: str | torch.device = "cpu",
+    quantized: bool = True,
+    quantize: str | None = None,
 ):
     """(model in eval mode, TextTokenizer, Config, checkpoint path): what eval and generate need.
 
     A LoRA fine-tune's checkpoint holds its adapters alone: the base model named in its
     config is loaded (and must have the recorded SHA-256), then the adapters on top. A
     QLoRA run's base is quantized to NF4 as in training, unless `quantized` is False (to
-    merge or export the adapters onto the full-precision base).
+    merge or export the adapters onto the full-precision base). `quantize="int8"` makes
+    the linear layers int8 for inference (lmlab.model.quant.quantize_for_inference).
     """
     resolved = resolve_checkpoint(spec)
     cfg = resolved.config
@@ -67,6 +71,7 @@ def build_from_checkpoint(
     else:
         load_weights(model, resolved.path)
     model.to(device).eval()
+    quantize_for_inference(model, quantize)
     tokenizer = load_tokenizer(resolved.path / "tokenizer.json")
     return model, tokenizer, resolved.config, resolved.path
 
@@ -88,21 +93,25 @@ class LoadedModel:
     """Special-token strings the template may use (bos_token, eos_token, ...)."""
 
 
-def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    spec: str | Path, device: str | torch.device = "cpu", quantize: str | None = None
+) -> LoadedModel:
     """An lmlab run, checkpoint or LoRA run, or a Hugging Face folder (an `lmlab export`
-    among them) or Hub name, as one model for predict, eval tasks, compare and chat."""
+    among them) or Hub name, as one model for predict, eval tasks, compare and chat;
+    `quantize` as in build_from_checkpoint."""
     path = Path(spec)
     if path.exists() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         source = open_source(path)
         model = build_model(source.model_config)
         source.load_into(model)
+        model.to(device).eval()
+        quantize_for_inference(model, quantize)
         template, variables = _chat_template(path)
-        return LoadedModel(
-            model.to(device).eval(), source.tokenizer, path, "hf", template, variables
-        )
+        return LoadedModel(model, source.tokenizer, path, "hf", template, variables)
     if not path.exists() and str(spec).count("/") == 1 and not str(spec).startswith((".", "~")):
-        return load_model(open_source(spec).path, device)  # a Hub name: download, then as above
-    model, tokenizer, _, ckpt = build_from_checkpoint(spec, device)
+        # a Hub name: download, then as above
+        return load_model(open_source(spec).path, device, quantize)
+    model, tokenizer, _, ckpt = build_from_checkpoint(spec, device, quantize=quantize)
     template, variables = _chat_template(ckpt)
     return LoadedModel(model, tokenizer, ckpt, "lmlab", template, variables)
 
