@@ -91,6 +91,12 @@ def contenders(
     }
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, a tied tensor counted once."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def bench(family: str, rounds: int) -> dict:
     ours, theirs = models(family)
     ours_int8 = copy.deepcopy(ours)
@@ -115,6 +121,7 @@ def bench(family: str, rounds: int) -> dict:
     }
     return {
         "parameters": sum(p.numel() for p in ours.parameters()),
+        "model_bytes": {"float32": model_bytes(ours), "int8": model_bytes(ours_int8)},
         "same_tokens_as_transformers": same,
         "int8_same_tokens_as_transformers": int8_same,
         "tokens_per_s_median": {k: round(v, 1) for k, v in tokens_per_s.items()},
@@ -156,6 +163,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "new_tokens": NEW_TOKENS,
         "prompt_tokens": PROMPT_TOKENS,
         "rounds": args.rounds,

@@ -1,4 +1,4 @@
-"""int8 weight-only inference: the quantization error bound, the native CPU kernel against
+"""int8 weight-only inference: the quantization error bound, the blockwise product against
 the plain dequantize + F.linear reference, and whole models whose logits and greedy
 generation stay close to float32."""
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from lmlab.generate.batch import generate_batch
 from lmlab.generate.sampling import generate
+from lmlab.model import quant
 from lmlab.model.build import build_model
 from lmlab.model.config import ModelConfig
 from lmlab.model.lora import LoRAConfig, LoRALinear, apply_lora
@@ -39,10 +40,17 @@ def test_each_number_is_within_half_a_step_of_its_weight():
     assert (q[7] == 0).all() and scale[7] == 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [512, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 24), (5, 24), (2, 3, 24)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_int8_kernel_matches_the_dequantized_reference(dtype, shape, bias):
+def test_the_int8_product_matches_the_dequantized_reference(
+    monkeypatch, block_rows, dtype, shape, bias
+):
+    """40 output rows in one block, or in blocks of 16 (two whole blocks and a partial
+    one); bf16 and fp16 activations too (24 inputs: no multiple of 16, which crashed
+    PyTorch's own int8 kernel with bf16)."""
+    monkeypatch.setattr(quant, "INT8_BLOCK_ROWS", block_rows)
     torch.manual_seed(2)
     linear = nn.Linear(24, 40, bias=bias)
     layer = Int8Linear.from_linear(linear)
@@ -54,6 +62,18 @@ def test_the_int8_kernel_matches_the_dequantized_reference(dtype, shape, bias):
     assert got.dtype == dtype and got.shape == (*shape[:-1], 40)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), reference, atol=tol, rtol=tol)
+
+
+def test_fp16_products_do_not_overflow_before_the_scale():
+    """x @ int8 alone would reach 64 * 20 * 127 = 162,560, past fp16's 65,504; the product
+    with the dequantized weight (~325) must come out finite and right."""
+    layer = Int8Linear(torch.full((3, 64), 127, dtype=torch.int8), torch.full((3,), 0.002))
+    x = torch.full((2, 64), 20.0)
+    got = layer(x.half())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(
+        got.float(), F.linear(x, layer.dequantized_weight()), rtol=2e-3, atol=0
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -190,11 +190,19 @@ def quantize_base(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
 # For generating and evaluating on a CPU, where a decode step reads every weight from
 # memory: each output row of a weight is divided by its largest magnitude / 127 (one fp32
 # scale per row) and rounded to int8, a quarter of fp32's bytes. Activations stay in
-# floating point; the matmul dequantizes as it goes (PyTorch's native int8 weight kernel
-# on the CPU, `torch.ops.aten._weight_int8pack_mm`, or a plain dequantize + F.linear
-# elsewhere). Inference only: no gradient flows through the int8 weight.
+# floating point. The product dequantizes a block of INT8_BLOCK_ROWS rows at a time
+# (int8 * scale, in the activation dtype) and multiplies by it, so the float copy of a
+# weight is never held whole and each block is the plain reference's own numbers.
+# Inference only: no gradient flows through the int8 weight.
+#
+# Why not PyTorch's int8 weight kernel, `torch.ops.aten._weight_int8pack_mm` (what
+# torchao's CPU path calls)? Measured on this project's AMD EPYC VMs with PyTorch 2.13 it
+# ran 5-19x (AVX2) and 5-30x (AVX-512) slower than float32, where dequantizing blocks runs
+# 1.2-3x slower; and with bf16 activations on AVX-512 it crashed (segmentation fault)
+# whenever the input width was not a multiple of 16. So int8 here saves memory (a quarter
+# of float32's weight bytes) rather than time: BENCHMARKS.md has the numbers.
 
-INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT8_BLOCK_ROWS = 512  # rows dequantized at once: 512 x 384 inputs is 0.8 MB of fp32
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,13 +243,11 @@ class Int8Linear(nn.Module):
         return self.weight_int8.numel() + self.scale.numel() * self.scale.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.device.type != "cpu" or x.dtype not in INT8_KERNEL_DTYPES:
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        rows = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale.to(x.dtype))
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if bias is None else y + bias
+        rows, scales = self.weight_int8.split(INT8_BLOCK_ROWS), self.scale.split(INT8_BLOCK_ROWS)
+        blocks = zip(rows, scales, strict=True)
+        parts = [F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype)) for q, s in blocks]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
