@@ -144,6 +144,7 @@ CASES = [
     ("generate {run} --prompt a --top-p nan", "top_p must be in (0, 1]"),
     ("generate {run} --prompt a --top-p 1.5", "top_p must be in (0, 1]"),
     ("generate {run} --prompt a --device tpu", "unknown device 'tpu'"),
+    ("generate {run} --prompt a --max-new-tokens 100000", "does not fit the model's context"),
     ("generate {tmp}/nope --prompt a", "does not exist: pass a run folder"),
     ("generate {tmp}/file.txt --prompt a", "has no checkpoints"),
     ("generate {data} --prompt a", "has no checkpoints"),
@@ -216,8 +217,9 @@ def test_one_line_error_and_nothing_written(
             args.append(f"logging.runs_dir={tmp_path / 'runs'}")  # would show up below
     with pytest.raises(SystemExit) as info:
         cli_main(args)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert info.value.code == 2, err
+    assert not out.strip(), out  # not even the prompt that `generate` echoes
     assert message in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if "error" in line]) == 1, err
     assert sorted(tmp_path.rglob("*")) == before

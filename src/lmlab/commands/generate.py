@@ -49,9 +49,8 @@ def main(argv: list[str]) -> int:
             f"the prompt has characters outside the model's vocabulary: {shown}; "
             "use only characters of its training data"
         )
-    sys.stdout.write(args.prompt)
     with torch.inference_mode():
-        for piece in generate_text(
+        pieces = generate_text(
             model,
             tokenizer,
             args.prompt,
@@ -61,7 +60,11 @@ def main(argv: list[str]) -> int:
             top_p=args.top_p,
             seed=args.seed,
             stop_at_end_of_document=not args.no_stop,
-        ):
+        )
+        first = next(pieces, "")  # a prompt that does not fit fails here, before any output
+        sys.stdout.write(args.prompt + first)
+        sys.stdout.flush()
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")

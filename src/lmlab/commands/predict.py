@@ -47,8 +47,8 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=QUANTIZATIONS,
         default=None,
-        help="int8: weight-only int8 linear layers, a quarter of the bytes read per token "
-        "(faster on a CPU; outputs change slightly)",
+        help="int8: weight-only int8 linear layers, a quarter of float32's weight memory "
+        "(slower than float32 on a CPU; outputs change slightly)",
     )
 
 
