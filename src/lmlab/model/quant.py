@@ -187,20 +187,20 @@ def quantize_base(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
 
 # ---- int8 weight-only inference ----------------------------------------------------------
 #
-# For generating and evaluating on a CPU, where a decode step reads every weight from
-# memory: each output row of a weight is divided by its largest magnitude / 127 (one fp32
-# scale per row) and rounded to int8, a quarter of fp32's bytes. Activations stay in
-# floating point. The product dequantizes a block of INT8_BLOCK_ROWS rows at a time
+# For generating and evaluating where memory is short (a laptop, a large model): each
+# output row of a weight is divided by its largest magnitude / 127 (one fp32 scale per
+# row) and rounded to int8, a quarter of fp32's bytes. Activations stay in floating point. The product dequantizes a block of INT8_BLOCK_ROWS rows at a time
 # (int8 * scale, in the activation dtype) and multiplies by it, so the float copy of a
 # weight is never held whole and each block is the plain reference's own numbers.
 # Inference only: no gradient flows through the int8 weight.
 #
 # Why not PyTorch's int8 weight kernel, `torch.ops.aten._weight_int8pack_mm` (what
 # torchao's CPU path calls)? Measured on this project's AMD EPYC VMs with PyTorch 2.13 it
-# ran 5-19x (AVX2) and 5-30x (AVX-512) slower than float32, where dequantizing blocks runs
-# 1.2-3x slower; and with bf16 activations on AVX-512 it crashed (segmentation fault)
-# whenever the input width was not a multiple of 16. So int8 here saves memory (a quarter
-# of float32's weight bytes) rather than time: BENCHMARKS.md has the numbers.
+# ran 5-19x (AVX2) and 5-30x (AVX-512) slower than float32, where dequantizing blocks ran
+# 2-4x slower per product and at 0.6x float32's tokens/s in whole generation; and with
+# bf16 activations on AVX-512 it crashed (segmentation fault) whenever the input width
+# was not a multiple of 16. So int8 here saves memory (a quarter of float32's weight
+# bytes) rather than time: BENCHMARKS.md has the numbers.
 
 INT8_BLOCK_ROWS = 512  # rows dequantized at once: 512 x 384 inputs is 0.8 MB of fp32
 
