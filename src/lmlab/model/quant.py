@@ -189,9 +189,10 @@ def quantize_base(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
 #
 # For generating and evaluating where memory is short (a laptop, a large model): each
 # output row of a weight is divided by its largest magnitude / 127 (one fp32 scale per
-# row) and rounded to int8, a quarter of fp32's bytes. Activations stay in floating point. The product dequantizes a block of INT8_BLOCK_ROWS rows at a time
-# (int8 * scale, in the activation dtype) and multiplies by it, so the float copy of a
-# weight is never held whole and each block is the plain reference's own numbers.
+# row) and rounded to int8, a quarter of fp32's bytes. Activations stay in floating point.
+# The product dequantizes a block of INT8_BLOCK_ROWS rows at a time (`dequantize_int8`)
+# and multiplies by it, so the float copy of a weight is never held whole and each block
+# is the plain reference's own numbers.
 # Inference only: no gradient flows through the int8 weight.
 #
 # Why not PyTorch's int8 weight kernel, `torch.ops.aten._weight_int8pack_mm` (what
@@ -203,6 +204,11 @@ def quantize_base(model: nn.Module, targets: tuple[str, ...] | list[str] | None 
 # bytes) rather than time: BENCHMARKS.md has the numbers.
 
 INT8_BLOCK_ROWS = 512  # rows dequantized at once: 512 x 384 inputs is 0.8 MB of fp32
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 rows times their fp32 scales, computed in fp32 and returned as `dtype`."""
+    return (q.float() * scale[:, None]).to(dtype)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +243,7 @@ class Int8Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this layer computes with, shape (out, in): the plain reference."""
-        return (self.weight_int8.float() * self.scale[:, None]).to(dtype)
+        return dequantize_int8(self.weight_int8, self.scale, dtype)
 
     def weight_bytes(self) -> int:
         return self.weight_int8.numel() + self.scale.numel() * self.scale.element_size()
@@ -245,7 +251,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, scales = self.weight_int8.split(INT8_BLOCK_ROWS), self.scale.split(INT8_BLOCK_ROWS)
         blocks = zip(rows, scales, strict=True)
-        parts = [F.linear(x, q.to(x.dtype) * s[:, None].to(x.dtype)) for q, s in blocks]
+        parts = [F.linear(x, dequantize_int8(q, s, x.dtype)) for q, s in blocks]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
